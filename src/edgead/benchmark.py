@@ -1,0 +1,170 @@
+"""`edgead benchmark`: fit and test several models on several datasets, one markdown table + JSON.
+
+Accuracy comes from `edgead test`'s metrics; latency is measured per image at batch 1 on test images,
+with the backbone and the head timed separately.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgead.data.datasets import ImageDataset, find_categories, open_dataset
+from edgead.errors import DatasetError
+from edgead.evaluation import evaluate_run
+from edgead.latency import measure_latency
+from edgead.reporting import markdown_table
+from edgead.training import fit_run
+
+COLUMNS = [
+    "dataset",
+    "model",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "f1_max",
+    "precision",
+    "recall",
+    "fit_s",
+    "backbone_ms",
+    "head_ms",
+    "total_ms",
+    "run_mb",
+]
+
+
+def expand_datasets(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(label, path) per dataset; each given path is one dataset or a folder of categories (mvtec_ad/)."""
+    found: list[tuple[str, Path]] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DatasetError(f"dataset folder {path} does not exist")
+        if (path / "train" / "good").is_dir() or (path / "good").is_dir():
+            found.append((path.name, path))
+            continue
+        categories = find_categories(path)
+        if not categories:
+            raise DatasetError(f"{path} is neither a dataset nor a folder of dataset categories")
+        found.extend((f"{path.name}/{category.name}", category) for category in categories)
+    return found
+
+
+def folder_megabytes(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 1e6
+
+
+def benchmark_one(
+    label: str,
+    dataset: Path,
+    model: str,
+    runs_dir: Path,
+    image_size: int,
+    backbone: str,
+    hyperparameters: dict[str, Any],
+    latency_images: int,
+    progress: bool,
+) -> dict[str, Any]:
+    run_dir = runs_dir / f"{model}_{label.replace('/', '_')}"
+    pipeline, config = fit_run(
+        dataset,
+        run_dir,
+        model=model,
+        backbone=backbone,
+        image_size=image_size,
+        hyperparameters=hyperparameters.get(model, {}),
+        progress=progress,
+    )
+    metrics = evaluate_run(run_dir, dataset, pipeline=pipeline, config=config, progress=progress)
+    test_samples = open_dataset(dataset).test[:latency_images]
+    images = torch.stack(
+        [ImageDataset(test_samples, image_size)[i]["image"] for i in range(len(test_samples))]
+    )
+    latency = measure_latency(pipeline, images)
+    return {
+        "dataset": label,
+        "model": model,
+        "backbone": backbone,
+        "image_size": image_size,
+        **{
+            k: metrics.get(k)
+            for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "precision", "recall")
+        },
+        "fit_s": config.extra["fit_seconds"],
+        **{k: latency[k] for k in ("backbone_ms", "head_ms", "total_ms")},
+        "run_mb": folder_megabytes(run_dir),
+        "n_train": config.extra["n_train"],
+        "n_validation": config.extra["n_validation"],
+        "n_test": metrics.get("n_normal", 0) + metrics.get("n_anomalous", 0),
+        "head": config.head,
+        "run_dir": str(run_dir),
+    }
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def run_benchmark(
+    datasets: Sequence[str | Path],
+    models: Sequence[str],
+    out_markdown: str | Path,
+    runs_dir: str | Path = "runs/benchmark",
+    image_size: int = 256,
+    backbone: str = "efficientnet_lite0",
+    hyperparameters: dict[str, dict[str, Any]] | None = None,
+    latency_images: int = 20,
+    progress: bool = True,
+    command: str | None = None,
+) -> list[dict[str, Any]]:
+    paths = expand_datasets(datasets)
+    rows = [
+        benchmark_one(
+            label,
+            path,
+            model,
+            Path(runs_dir),
+            image_size,
+            backbone,
+            hyperparameters or {},
+            latency_images,
+            progress,
+        )
+        for label, path in paths
+        for model in models
+    ]
+    out_markdown = Path(out_markdown)
+    out_markdown.parent.mkdir(parents=True, exist_ok=True)
+    command = command or "edgead " + " ".join(sys.argv[1:])
+    lines = [
+        f"# Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine_description()}",
+        f"- Date: {dt.date.today().isoformat()}",
+        f"- Images resized to {image_size}x{image_size}; masks resized with nearest neighbour. Thresholds "
+        "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
+        "- Latency: median ms per image at batch 1 (backbone = preprocess + backbone, head = head + "
+        "upsample + blur + image score). fit_s = feature extraction + head fit.",
+        "",
+        markdown_table(rows, COLUMNS),
+        "",
+    ]
+    out_markdown.write_text("\n".join(lines))
+    out_markdown.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return rows

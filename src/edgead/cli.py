@@ -1,0 +1,217 @@
+"""The `edgead` command. Thin on purpose: it parses arguments and calls the library.
+
+Errors a user can cause are printed as one line (no traceback) with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgead import __version__
+from edgead.errors import EdgeadError
+
+app = typer.Typer(
+    help="edgead: visual anomaly detection for edge hardware (fit on good images, flag defects).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param", "-p", help="Model hyperparameter KEY=VALUE, e.g. -p coreset_ratio=0.05 (repeatable)."
+    ),
+]
+
+
+def parse_params(params: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs; values parsed as JSON when they can be (numbers, null, true), else strings."""
+    parsed: dict[str, Any] = {}
+    for item in params or []:
+        if "=" not in item:
+            raise EdgeadError(f"--param expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = value
+    return parsed
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    keys = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "precision", "recall", "threshold"]
+    for key in keys:
+        value = metrics.get(key)
+        if value is not None or key in ("image_auroc", "pixel_auroc"):
+            shown = "n/a (no masks)" if value is None else f"{value:.4f}"
+            typer.echo(f"  {key:<12} {shown}")
+
+
+@app.command()
+def fit(
+    dataset: Annotated[
+        Path,
+        typer.Argument(help="MVTec-layout category (train/good, ...) or plain folder (good/, <defect>/)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
+    model: Annotated[str, typer.Option(help="Method: patchcore or padim.")] = "patchcore",
+    backbone: Annotated[str, typer.Option(help="Backbone name, see `edgead list`.")] = "efficientnet_lite0",
+    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 256,
+    weights: Annotated[
+        Path | None, typer.Option(help="Backbone weights file (for backbones not shipped here).")
+    ] = None,
+    random_init: Annotated[bool, typer.Option(help="Random backbone weights (testing only).")] = False,
+    validation_fraction: Annotated[
+        float, typer.Option(help="Share of train/good kept for the threshold.")
+    ] = 0.1,
+    threshold_quantile: Annotated[float, typer.Option(help="Quantile of normal validation scores.")] = 0.99,
+    seed: Annotated[int, typer.Option()] = 0,
+    param: ParamOption = None,
+) -> None:
+    """Fit a detector on the normal (train/good) images of DATASET and save a run folder."""
+    from edgead.training import fit_run
+
+    _, config = fit_run(
+        dataset,
+        out,
+        model=model,
+        backbone=backbone,
+        image_size=image_size,
+        weights_path=str(weights) if weights else None,
+        pretrained=not random_init,
+        validation_fraction=validation_fraction,
+        threshold_quantile=threshold_quantile,
+        seed=seed,
+        hyperparameters=parse_params(param),
+    )
+    typer.echo(
+        f"fitted {config.model} on {config.extra['n_train']} images in {config.extra['fit_seconds']} s; "
+        f"threshold {config.threshold:.4f}; run saved to {out}"
+    )
+
+
+@app.command()
+def test(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
+    dataset: Annotated[
+        Path | None, typer.Option(help="Dataset to test on (default: the one it was fitted on).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Report folder (default: RUN/test).")
+    ] = None,
+) -> None:
+    """Evaluate a run on a dataset's test split: metrics.json, scores.csv, ROC curves, heat maps."""
+    from edgead.evaluation import evaluate_run
+
+    metrics = evaluate_run(run, dataset, out)
+    typer.echo(
+        f"{metrics['model']} on {metrics['dataset']} ({metrics.get('n_normal')} normal, "
+        f"{metrics.get('n_anomalous')} anomalous):"
+    )
+    print_metrics(metrics)
+    typer.echo(f"report written to {out or run / 'test'}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images and/or folders of images.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for heat maps and predictions.csv.")
+    ] = Path("predictions"),
+) -> None:
+    """Score images: prints score and decision per image, writes heat-map overlays and a CSV."""
+    from edgead.prediction import predict_paths
+
+    results = predict_paths(run, inputs, out)
+    failed = 0
+    for r in results:
+        if r.error:
+            failed += 1
+            typer.echo(f"{r.path}: error: {r.error}", err=True)
+        else:
+            typer.echo(f"{r.path}: score {r.score:.4f} ({r.normalized_score:.2f}) {r.decision}")
+    typer.echo(f"{len(results) - failed} images scored, {failed} failed; heat maps in {out / 'heatmaps'}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def benchmark(
+    datasets: Annotated[
+        list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
+    ],
+    models: Annotated[str, typer.Option(help="Comma-separated models.")] = "patchcore,padim",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Markdown table to write (JSON beside it).")
+    ] = Path("docs/results/baselines.md"),
+    runs_dir: Annotated[Path, typer.Option(help="Where the fitted runs go.")] = Path("runs/benchmark"),
+    image_size: Annotated[int, typer.Option()] = 256,
+    backbone: Annotated[str, typer.Option()] = "efficientnet_lite0",
+    param: ParamOption = None,
+) -> None:
+    """Fit + test every model on every dataset; write one markdown table and JSON."""
+    from edgead.benchmark import run_benchmark
+
+    model_names = [m.strip() for m in models.split(",") if m.strip()]
+    params = parse_params(param)
+    rows = run_benchmark(
+        datasets,
+        model_names,
+        out,
+        runs_dir=runs_dir,
+        image_size=image_size,
+        backbone=backbone,
+        hyperparameters={m: params for m in model_names},
+    )
+    for row in rows:
+        typer.echo(f"{row['dataset']:<28} {row['model']:<10} image AUROC {row['image_auroc']:.4f}")
+    typer.echo(f"table written to {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the dataset, run and report.")] = Path(
+        "demo_output"
+    ),
+) -> None:
+    """Run the whole job on a built-in synthetic dataset (works on a fresh machine, no downloads)."""
+    from edgead.demo import run_demo
+
+    metrics = run_demo(out)
+    typer.echo("demo results (synthetic parts):")
+    print_metrics(metrics)
+    typer.echo(f"report: {metrics['report']}")
+
+
+@app.command(name="list")
+def list_components() -> None:
+    """List the available models and backbones."""
+    from edgead.backbones import list_backbones
+    from edgead.models import list_models
+
+    typer.echo("models:    " + ", ".join(list_models()))
+    typer.echo("backbones: " + ", ".join(list_backbones()))
+
+
+@app.command()
+def version() -> None:
+    """Print the edgead version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgeadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything a user can cause (a missing folder, a corrupt image, a run folder from another model)
+raises an :class:`EdgeadError` subclass whose message says what was wrong and how to fix it.
+The CLI prints that message as one line and exits non-zero, without a traceback.
+"""
+
+
+class EdgeadError(Exception):
+    """Base class for errors caused by input, configuration or environment, not by a bug."""
+
+
+class DatasetError(EdgeadError):
+    """A dataset folder is missing, empty or not in a supported layout."""
+
+
+class ImageReadError(EdgeadError):
+    """An image or mask file cannot be decoded."""
+
+
+class WeightsError(EdgeadError):
+    """Pretrained weights are unavailable, do not match their checksum, or do not fit the architecture."""
+
+
+class RunFolderError(EdgeadError):
+    """A saved run folder is missing, incomplete, or belongs to another model."""

@@ -1,0 +1,46 @@
+"""Methods (heads) by name, and the factory that builds a full pipeline around one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgead.errors import EdgeadError
+from edgead.models.base import Head, Pipeline
+from edgead.models.padim import Padim
+from edgead.models.patchcore import PatchCore
+
+HEADS: dict[str, type[Head]] = {PatchCore.name: PatchCore, Padim.name: Padim}
+
+
+def list_models() -> list[str]:
+    return sorted(HEADS)
+
+
+def create_head(name: str, **hyperparameters: Any) -> Head:
+    if name not in HEADS:
+        raise EdgeadError(f"unknown model '{name}': choose one of {', '.join(list_models())}")
+    try:
+        return HEADS[name](**hyperparameters)
+    except TypeError as exc:
+        raise EdgeadError(f"bad hyperparameters for model '{name}': {exc}") from None
+
+
+def create_pipeline(
+    model: str = "patchcore",
+    backbone: str = "efficientnet_lite0",
+    image_size: int = 256,
+    layers: tuple[int, ...] | None = None,
+    pretrained: bool = True,
+    weights_path: str | None = None,
+    blur_sigma: float = 4.0,
+    **hyperparameters: Any,
+) -> Pipeline:
+    """Build an unfitted pipeline, e.g. ``create_pipeline("patchcore", "efficientnet_lite0")``."""
+    from edgead.backbones import create_backbone
+
+    head = create_head(model, **hyperparameters)
+    extractor = create_backbone(backbone, layers=layers, pretrained=pretrained, weights_path=weights_path)
+    return Pipeline(extractor, head, image_size=image_size, blur_sigma=blur_sigma)
+
+
+__all__ = ["HEADS", "Head", "Padim", "PatchCore", "Pipeline", "create_head", "create_pipeline", "list_models"]

@@ -1,0 +1,80 @@
+"""End to end on the synthetic dataset with the real pretrained backbone, and run folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgead.errors import RunFolderError
+from edgead.evaluation import evaluate_run
+from edgead.runs import load_run, read_config
+
+
+def test_patchcore_detects_synthetic_defects(fitted_run: Path, tmp_path: Path):
+    metrics = evaluate_run(fitted_run, out_dir=tmp_path / "report", progress=False)
+    assert metrics["image_auroc"] > 0.9
+    assert metrics["pixel_auroc"] > 0.9
+    report = tmp_path / "report"
+    for name in ("metrics.json", "scores.csv", "roc.png", "pixel_roc.png"):
+        assert (report / name).is_file(), name
+    assert json.loads((report / "metrics.json").read_text())["image_auroc"] == pytest.approx(
+        metrics["image_auroc"]
+    )
+    assert list((report / "examples").glob("*.png"))
+
+
+def test_threshold_comes_from_validation_images_only(fitted_run: Path):
+    config = read_config(fitted_run)
+    assert config.extra["n_validation"] >= 2
+    assert config.extra["n_train"] + config.extra["n_validation"] == 30  # train/good only
+    assert config.score_min <= config.threshold < config.score_max
+
+
+def test_run_folder_round_trip_gives_identical_scores(fitted_run: Path, synthetic_dataset: Path):
+    pipeline_a, _ = load_run(fitted_run)
+    pipeline_b, _ = load_run(fitted_run)
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    maps_a, scores_a = pipeline_a.predict(images)
+    maps_b, scores_b = pipeline_b.predict(images)
+    assert torch.equal(scores_a, scores_b) and torch.equal(maps_a, maps_b)
+
+
+def test_run_folder_errors(fitted_run: Path, tmp_path: Path):
+    with pytest.raises(RunFolderError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunFolderError, match="no config.json"):
+        load_run(empty)
+    broken = tmp_path / "broken"
+    shutil.copytree(fitted_run, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RunFolderError, match="safetensors"):
+        load_run(broken)
+    other = tmp_path / "other"
+    shutil.copytree(fitted_run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"], config["head"] = "padim", {}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunFolderError, match="another model"):
+        load_run(other)
+    with pytest.raises(RunFolderError, match="not 'padim'"):
+        load_run(fitted_run, expect_model="padim")
+
+
+def test_padim_pipeline_fits_and_scores(synthetic_dataset: Path, tmp_path: Path):
+    from edgead.training import fit_run
+
+    pipeline, config = fit_run(
+        synthetic_dataset, tmp_path / "padim", model="padim", image_size=128, progress=False
+    )
+    metrics = evaluate_run(tmp_path / "padim", out_dir=tmp_path / "report", progress=False)
+    assert metrics["image_auroc"] > 0.8
+    loaded, _ = load_run(tmp_path / "padim")
+    images = torch.rand(1, 3, 128, 128)
+    assert np.allclose(pipeline.predict(images)[1].numpy(), loaded.predict(images)[1].numpy())
