@@ -33,13 +33,18 @@ def greedy_coreset(
     if points.shape[1] > projection_dim:
         projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         points = points @ projection
+    squared_norms = (points**2).sum(1)
+
+    def squared_distances_to(row: int) -> torch.Tensor:
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product, no [M, d] temporary.
+        return squared_norms - 2 * (points @ points[row]) + squared_norms[row]
+
     selected = torch.empty(n_select, dtype=torch.long)
     selected[0] = int(torch.randint(n_total, (1,), generator=generator))
-    min_dist = ((points - points[selected[0]]) ** 2).sum(1)
+    min_dist = squared_distances_to(int(selected[0]))
     for i in progress_bar(range(1, n_select), "coreset", progress):
         selected[i] = torch.argmax(min_dist)
-        dist = ((points - points[selected[i]]) ** 2).sum(1)
-        torch.minimum(min_dist, dist, out=min_dist)
+        torch.minimum(min_dist, squared_distances_to(int(selected[i])), out=min_dist)
     return selected
 
 
