@@ -78,3 +78,34 @@ def test_padim_pipeline_fits_and_scores(synthetic_dataset: Path, tmp_path: Path)
     loaded, _ = load_run(tmp_path / "padim")
     images = torch.rand(1, 3, 128, 128)
     assert np.allclose(pipeline.predict(images)[1].numpy(), loaded.predict(images)[1].numpy())
+
+
+def test_demo_writes_a_report_with_metrics(tmp_path: Path):
+    from edgead.demo import run_demo
+
+    metrics = run_demo(tmp_path / "demo", image_size=96, n_train=20, progress=False)
+    assert metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] is not None
+    report = (tmp_path / "demo" / "REPORT.md").read_text()
+    assert "image_auroc" in report and "test/examples/" in report
+
+
+def test_benchmark_writes_table_and_json(synthetic_dataset: Path, tmp_path: Path):
+    from edgead.benchmark import run_benchmark
+
+    out = tmp_path / "bench.md"
+    rows = run_benchmark(
+        [synthetic_dataset],
+        ["padim"],
+        out,
+        runs_dir=tmp_path / "runs",
+        image_size=96,
+        layer_sets=[None, (2,)],
+        latency_images=2,
+        progress=False,
+        command="edgead benchmark (test)",
+    )
+    assert [row["layers"] for row in rows] == ["2,3", "2"]
+    assert all(row["backbone_ms"] > 0 and row["head_ms"] > 0 for row in rows)
+    table = out.read_text()
+    assert "edgead benchmark (test)" in table and table.count("| parts |") == 2
+    assert json.loads(out.with_suffix(".json").read_text())[0]["model"] == "padim"

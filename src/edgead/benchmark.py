@@ -27,6 +27,7 @@ from edgead.training import fit_run
 COLUMNS = [
     "dataset",
     "model",
+    "layers",
     "image_auroc",
     "pixel_auroc",
     "aupro",
@@ -36,6 +37,7 @@ COLUMNS = [
     "fit_s",
     "backbone_ms",
     "head_ms",
+    "postprocess_ms",
     "total_ms",
     "run_mb",
 ]
@@ -65,6 +67,7 @@ def benchmark_one(
     label: str,
     dataset: Path,
     model: str,
+    layers: tuple[int, ...] | None,
     runs_dir: Path,
     image_size: int,
     backbone: str,
@@ -72,13 +75,15 @@ def benchmark_one(
     latency_images: int,
     progress: bool,
 ) -> dict[str, Any]:
-    run_dir = runs_dir / f"{model}_{label.replace('/', '_')}"
+    layer_tag = "default" if layers is None else "-".join(map(str, layers))
+    run_dir = runs_dir / f"{model}_{layer_tag}_{label.replace('/', '_')}"
     pipeline, config = fit_run(
         dataset,
         run_dir,
         model=model,
         backbone=backbone,
         image_size=image_size,
+        layers=layers,
         hyperparameters=hyperparameters.get(model, {}),
         progress=progress,
     )
@@ -91,6 +96,7 @@ def benchmark_one(
     return {
         "dataset": label,
         "model": model,
+        "layers": ",".join(map(str, config.layers)),
         "backbone": backbone,
         "image_size": image_size,
         **{
@@ -98,7 +104,7 @@ def benchmark_one(
             for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "precision", "recall")
         },
         "fit_s": config.extra["fit_seconds"],
-        **{k: latency[k] for k in ("backbone_ms", "head_ms", "total_ms")},
+        **{k: latency[k] for k in ("backbone_ms", "head_ms", "postprocess_ms", "total_ms")},
         "run_mb": folder_megabytes(run_dir),
         "n_train": config.extra["n_train"],
         "n_validation": config.extra["n_validation"],
@@ -128,16 +134,20 @@ def run_benchmark(
     image_size: int = 256,
     backbone: str = "efficientnet_lite0",
     hyperparameters: dict[str, dict[str, Any]] | None = None,
+    layer_sets: Sequence[tuple[int, ...] | None] = (None,),
     latency_images: int = 20,
     progress: bool = True,
     command: str | None = None,
+    notes: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
+    """Every dataset x layer set x model; ``layers`` None is the backbone's default (stride 8 + 16)."""
     paths = expand_datasets(datasets)
     rows = [
         benchmark_one(
             label,
             path,
             model,
+            layers,
             Path(runs_dir),
             image_size,
             backbone,
@@ -146,6 +156,7 @@ def run_benchmark(
             progress,
         )
         for label, path in paths
+        for layers in layer_sets
         for model in models
     ]
     out_markdown = Path(out_markdown)
@@ -159,8 +170,11 @@ def run_benchmark(
         f"- Date: {dt.date.today().isoformat()}",
         f"- Images resized to {image_size}x{image_size}; masks resized with nearest neighbour. Thresholds "
         "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
-        "- Latency: median ms per image at batch 1 (backbone = preprocess + backbone, head = head + "
-        "upsample + blur + image score). fit_s = feature extraction + head fit.",
+        "- Latency: median ms per image at batch 1 over test images (backbone = preprocess + backbone; "
+        "head = patch scores + image score, i.e. the kNN search for PatchCore; postprocess = upsample + "
+        "blur). fit_s = feature extraction + head fit (coreset selection included).",
+        "- layers: backbone stage indices (2 = stride 8, 3 = stride 16, 4 = stride 32).",
+        *[f"- {note}" for note in notes],
         "",
         markdown_table(rows, COLUMNS),
         "",

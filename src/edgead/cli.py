@@ -30,6 +30,16 @@ ParamOption = Annotated[
 ]
 
 
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """'2,3,4' -> (2, 3, 4); None or 'default' keeps the backbone's default stages."""
+    if text is None or text == "default":
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise EdgeadError(f"--layers expects stage indices like 2,3 (got '{text}')") from None
+
+
 def parse_params(params: list[str] | None) -> dict[str, Any]:
     """KEY=VALUE pairs; values parsed as JSON when they can be (numbers, null, true), else strings."""
     parsed: dict[str, Any] = {}
@@ -63,6 +73,9 @@ def fit(
     model: Annotated[str, typer.Option(help="Method: patchcore or padim.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Backbone name, see `edgead list`.")] = "efficientnet_lite0",
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 256,
+    layers: Annotated[
+        str | None, typer.Option(help="Backbone stages, e.g. 2,3 (stride 8+16, the default) or 2,3,4.")
+    ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Backbone weights file (for backbones not shipped here).")
     ] = None,
@@ -83,6 +96,7 @@ def fit(
         model=model,
         backbone=backbone,
         image_size=image_size,
+        layers=parse_layers(layers),
         weights_path=str(weights) if weights else None,
         pretrained=not random_init,
         validation_fraction=validation_fraction,
@@ -154,6 +168,12 @@ def benchmark(
     runs_dir: Annotated[Path, typer.Option(help="Where the fitted runs go.")] = Path("runs/benchmark"),
     image_size: Annotated[int, typer.Option()] = 256,
     backbone: Annotated[str, typer.Option()] = "efficientnet_lite0",
+    layers: Annotated[
+        list[str] | None, typer.Option(help="Layer set(s) to compare, e.g. --layers 2,3 --layers 2,3,4.")
+    ] = None,
+    note: Annotated[
+        list[str] | None, typer.Option(help="A line of context for the report (repeatable).")
+    ] = None,
     param: ParamOption = None,
 ) -> None:
     """Fit + test every model on every dataset; write one markdown table and JSON."""
@@ -169,9 +189,14 @@ def benchmark(
         image_size=image_size,
         backbone=backbone,
         hyperparameters={m: params for m in model_names},
+        layer_sets=[parse_layers(text) for text in layers] if layers else [None],
+        notes=note or (),
     )
     for row in rows:
-        typer.echo(f"{row['dataset']:<28} {row['model']:<10} image AUROC {row['image_auroc']:.4f}")
+        typer.echo(
+            f"{row['dataset']:<24} {row['model']:<10} layers {row['layers']:<6} "
+            f"image AUROC {row['image_auroc']:.4f}"
+        )
     typer.echo(f"table written to {out}")
 
 

@@ -15,12 +15,18 @@ from edgead.training import fit_run
 
 
 def run_demo(
-    out_dir: str | Path = "demo_output", model: str = "patchcore", progress: bool = True
+    out_dir: str | Path = "demo_output",
+    model: str = "patchcore",
+    image_size: int = 256,
+    n_train: int = 60,
+    progress: bool = True,
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
-    dataset = make_synthetic_dataset(out_dir / "dataset", seed=0)
+    dataset = make_synthetic_dataset(
+        out_dir / "dataset", n_train=n_train, size=image_size, seed=0, overwrite=True
+    )
     run_dir = out_dir / "run"
-    pipeline, config = fit_run(dataset, run_dir, model=model, progress=progress)
+    pipeline, config = fit_run(dataset, run_dir, model=model, image_size=image_size, progress=progress)
     metrics = evaluate_run(
         run_dir, dataset, out_dir=out_dir / "test", pipeline=pipeline, config=config, progress=progress
     )
