@@ -10,8 +10,8 @@ fi
 stamp=.venv/.edgead-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  .venv/bin/python -m pip install -qq --disable-pip-version-check torch==2.13.0
+  .venv/bin/python -m pip install -qq --disable-pip-version-check -e ".[dev]"
   .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch was re-resolved to {torch.__version__}"
