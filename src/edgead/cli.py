@@ -200,6 +200,68 @@ def benchmark(
     typer.echo(f"table written to {out}")
 
 
+experiment_app = typer.Typer(
+    help="Experiments: fit and test many runs to answer one question; each writes a report.",
+    no_args_is_help=True,
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+def parse_ratios(text: str) -> list[float]:
+    """'0,0.05,0.1' -> [0.0, 0.05, 0.1]."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EdgeadError(f"--ratios expects numbers like 0,0.05,0.1 (got '{text}')") from None
+
+
+@experiment_app.command()
+def contamination(
+    datasets: Annotated[
+        list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
+    ],
+    ratios: Annotated[
+        str, typer.Option(help="Shares of the anomalous test images moved into train, comma-separated.")
+    ] = "0,0.05,0.1,0.2,0.3",
+    model: Annotated[str, typer.Option(help="Method, see `edgead list`.")] = "tinyglass",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Markdown report to write (JSON and plots beside it).")
+    ] = Path("docs/results/contamination.md"),
+    runs_dir: Annotated[Path, typer.Option(help="Where the fitted runs go.")] = Path("runs/contamination"),
+    image_size: Annotated[int, typer.Option()] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    same_test_set: Annotated[
+        bool,
+        typer.Option(
+            "--same-test-set/--per-ratio-test-set",
+            help="Score every ratio on the test images no ratio moved, or on what each ratio leaves.",
+        ),
+    ] = True,
+    param: ParamOption = None,
+) -> None:
+    """Fit with a share of the defects moved into train; report AUROC and AUPRO against that share."""
+    from edgead.experiments.contamination import run_contamination
+
+    rows = run_contamination(
+        datasets,
+        parse_ratios(ratios),
+        out,
+        model=model,
+        runs_dir=runs_dir,
+        image_size=image_size,
+        seed=seed,
+        hyperparameters=parse_params(param),
+        same_test_set=same_test_set,
+    )
+    for row in rows:
+        auroc = "-" if row["image_auroc"] is None else f"{row['image_auroc']:.4f}"
+        typer.echo(
+            f"{row['dataset']:<24} ratio {row['ratio']:<5g} ({row['n_contaminated']} in train) "
+            f"image AUROC {auroc}"
+        )
+    typer.echo(f"report written to {out}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the dataset, run and report.")] = Path(

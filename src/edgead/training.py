@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgead.data.datasets import open_dataset, split_validation
+from edgead.data.datasets import AnomalyDataset, open_dataset, split_validation
 from edgead.inference import extract_features, predict_samples
 from edgead.metrics import threshold_from_normal
 from edgead.models import Pipeline, create_pipeline
+from edgead.models.base import TrainableHead
 from edgead.runs import RunConfig, save_run
 
 
@@ -30,7 +31,7 @@ def calibrate(pipeline: Pipeline, validation_scores: np.ndarray, quantile: float
 
 
 def fit_run(
-    dataset: str | Path,
+    dataset: str | Path | AnomalyDataset,
     run_dir: str | Path,
     model: str = "patchcore",
     backbone: str = "efficientnet_lite0",
@@ -47,7 +48,7 @@ def fit_run(
 ) -> tuple[Pipeline, RunConfig]:
     """Fit ``model`` on ``dataset``'s train/good images and save it to ``run_dir``."""
     torch.manual_seed(seed)
-    data = open_dataset(dataset)
+    data = dataset if isinstance(dataset, AnomalyDataset) else open_dataset(dataset)
     train, validation = split_validation(data.train, fraction=validation_fraction, seed=seed)
     hyperparameters = dict(hyperparameters or {})
     pipeline = create_pipeline(
@@ -60,11 +61,12 @@ def fit_run(
         **hyperparameters,
     )
     start = time.perf_counter()
-    features = extract_features(
-        pipeline, train, batch_size=batch_size, progress=progress, desc="fit features"
-    )
-    pipeline.head.fit(features, progress=progress)
-    del features
+    if isinstance(pipeline.head, TrainableHead):
+        pipeline.head.fit_samples(pipeline, train, progress=progress)
+    else:
+        features = extract_features(pipeline, train, batch_size=batch_size, progress=progress, desc="fit features")
+        pipeline.head.fit(features, progress=progress)
+        del features
     fit_seconds = time.perf_counter() - start
     validation_scores = predict_samples(
         pipeline, validation, batch_size=batch_size, progress=progress, desc="validation"
@@ -79,7 +81,7 @@ def fit_run(
         blur_sigma=pipeline.postprocess.sigma,
         threshold_quantile=threshold_quantile,
         extra={
-            "dataset": str(Path(dataset).resolve()),
+            "dataset": str(Path(data.root).resolve()),
             "dataset_name": data.name,
             "n_train": len(train),
             "n_validation": len(validation),

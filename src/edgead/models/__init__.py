@@ -6,10 +6,11 @@ from typing import Any
 
 from edgead.errors import EdgeadError
 from edgead.models.base import Head, Pipeline
+from edgead.models.glass import TinyGlass
 from edgead.models.padim import Padim
 from edgead.models.patchcore import PatchCore
 
-HEADS: dict[str, type[Head]] = {PatchCore.name: PatchCore, Padim.name: Padim}
+HEADS: dict[str, type[Head]] = {PatchCore.name: PatchCore, Padim.name: Padim, TinyGlass.name: TinyGlass}
 
 
 def list_models() -> list[str]:
@@ -43,4 +44,5 @@ def create_pipeline(
     return Pipeline(extractor, head, image_size=image_size, blur_sigma=blur_sigma)
 
 
-__all__ = ["HEADS", "Head", "Padim", "PatchCore", "Pipeline", "create_head", "create_pipeline", "list_models"]
+__all__ = ["HEADS", "Head", "Padim", "PatchCore",
+    "TinyGlass", "Pipeline", "create_head", "create_pipeline", "list_models"]

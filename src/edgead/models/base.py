@@ -39,6 +39,9 @@ class Head(nn.Module):
         """Patch scores [N, 1, h, w]: higher means more anomalous."""
         raise NotImplementedError
 
+    def attach(self, in_channels: int) -> None:
+        """Called once the backbone is known; heads with learned layers build them here."""
+
     def image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor | None:
         """Method-specific image scores [N], or None to use the max of the anomaly map."""
         return None
@@ -63,6 +66,19 @@ class Head(nn.Module):
         """Hook for heads that build caches (e.g. a search index) from their fitted buffers."""
 
 
+class TrainableHead(Head):
+    """A head trained end to end on images (e.g. with synthetic anomalies), not on cached features alone.
+
+    ``fit_samples`` gets the whole pipeline (for the frozen backbone) and the normal training samples.
+    """
+
+    def fit_samples(self, pipeline: Pipeline, samples: list, progress: bool = False) -> TrainableHead:
+        raise NotImplementedError
+
+    def fit(self, features: torch.Tensor, progress: bool = False) -> Head:
+        raise TypeError(f"{type(self).__name__} trains on images: use fit_samples(pipeline, samples)")
+
+
 class Pipeline(nn.Module):
     """Preprocess -> Backbone -> Head -> Postprocess, the one structure every detector shares.
 
@@ -73,6 +89,7 @@ class Pipeline(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        head.attach(backbone.out_channels)
         self.image_size = int(image_size)
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)

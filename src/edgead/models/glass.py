@@ -1,0 +1,235 @@
+"""TinyGLASS: GLASS (Chen et al., ECCV 2024) as a small, static, 4D-only graph (Bonazzi et al.).
+
+Inference is backbone features -> standardise -> adaptor (1x1 conv) -> discriminator (1x1 convs)
+-> one patch-score map in [0, 1]. Every op is a 4D convolution, batch norm or pointwise activation,
+so the graph exports and quantises as is.
+
+Training follows GLASS on features of normal images:
+- GAS (global anomaly synthesis): Gaussian noise on normal adapted features, then gradient ascent on
+  the discriminator's loss, projected back into a distance band [r, 2r] around the normal feature
+  ("manifold") or around the feature centre ("hypersphere");
+- LAS (local anomaly synthesis): Perlin-shaped texture patches blended into normal images, with the
+  mask max-pooled to the feature grid;
+- loss: BCE(normal -> 0) + BCE(GAS -> 1) + focal loss on the LAS features against their mask;
+- AdamW, lr 1e-4 for the adaptor and 2e-4 for the discriminator (the paper's values).
+
+CPU budget: the backbone is frozen, so its features are computed once for a fixed number of augmented
+views of each training image (and their LAS versions) and cached; the epochs then only run the small
+head. Model selection is a fixed number of epochs: nothing looks at the test set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgead.data.datasets import Sample
+from edgead.data.images import load_rgb, resize_image
+from edgead.models.base import Pipeline, TrainableHead
+from edgead.progress import progress as progress_bar
+
+
+def focal_loss(probabilities: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss on probabilities: down-weights the many easy patches of an LAS image."""
+    p = probabilities.clamp(1e-6, 1 - 1e-6)
+    p_true = torch.where(targets > 0.5, p, 1 - p)
+    return (-((1 - p_true) ** gamma) * torch.log(p_true)).mean()
+
+
+def project_to_band(points: torch.Tensor, anchors: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float):
+    """Move each point along its direction from its anchor so that the distance lies in [low, high]."""
+    offset = points - anchors
+    norm = offset.norm(dim=1, keepdim=True)
+    scale = norm.clamp(min=low, max=high) / (norm + 1e-10)
+    return anchors + offset * scale
+
+
+class TinyGlass(TrainableHead):
+    """Adaptor + discriminator head trained with GLASS's global and local anomaly synthesis."""
+
+    name: ClassVar[str] = "tinyglass"
+    fitted_buffers: ClassVar[tuple[str, ...]] = ("feature_mean_", "feature_std_")
+
+    def __init__(
+        self,
+        in_channels: int | None = None,
+        hidden: int = 256,
+        epochs: int = 30,
+        views: int = 4,
+        batch_size: int = 8,
+        patches_per_image: int = 256,
+        lr_adaptor: float = 1e-4,
+        lr_discriminator: float = 2e-4,
+        gas: str = "manifold",
+        noise_std: float = 0.015,
+        gas_steps: int = 5,
+        gas_step_size: float = 0.001,
+        radius: float = 0.5,
+        radius_quantile: float = 0.75,
+        use_foreground: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if gas not in ("manifold", "hypersphere"):
+            raise ValueError(f"gas must be 'manifold' or 'hypersphere', got {gas!r}")
+        self.in_channels = in_channels
+        self.hidden = hidden
+        self.epochs = epochs
+        self.views = views
+        self.batch_size = batch_size
+        self.patches_per_image = patches_per_image
+        self.lr_adaptor = lr_adaptor
+        self.lr_discriminator = lr_discriminator
+        self.gas = gas
+        self.noise_std = noise_std
+        self.gas_steps = gas_steps
+        self.gas_step_size = gas_step_size
+        self.radius = radius
+        self.radius_quantile = radius_quantile
+        self.use_foreground = use_foreground
+        self.seed = seed
+        self.adaptor: nn.Module | None = None
+        self.discriminator: nn.Module | None = None
+        if in_channels is not None:
+            self._build(in_channels)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        names = (
+            "in_channels hidden epochs views batch_size patches_per_image lr_adaptor lr_discriminator gas "
+            "noise_std gas_steps gas_step_size radius radius_quantile use_foreground seed"
+        ).split()
+        return {name: getattr(self, name) for name in names}
+
+    def attach(self, in_channels: int) -> None:
+        if self.adaptor is None:
+            self._build(in_channels)
+        elif in_channels != self.in_channels:
+            raise ValueError(f"this TinyGLASS head was built for {self.in_channels} channels, not {in_channels}")
+
+    def _build(self, in_channels: int) -> None:
+        self.in_channels = in_channels
+        with torch.random.fork_rng():  # seeded initialisation without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            self.adaptor = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+            self.discriminator = nn.Sequential(
+                nn.Conv2d(in_channels, self.hidden, kernel_size=1),
+                nn.BatchNorm2d(self.hidden),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(self.hidden, 1, kernel_size=1, bias=False),
+                nn.Sigmoid(),
+            )
+
+    def adapt(self, features: torch.Tensor) -> torch.Tensor:
+        return self.adaptor((features - self.feature_mean_) / self.feature_std_)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.check_fitted()
+        return self.discriminator(self.adapt(features))
+
+    # ---- training -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _cache_views(self, pipeline: Pipeline, samples: list[Sample], progress: bool):
+        """Backbone features of augmented views of each image and of their LAS versions, plus masks."""
+        from edgead.data.anomaly_synthesis import local_anomaly
+        from edgead.data.augment import augment_image
+
+        rng = np.random.default_rng(self.seed)
+        size = pipeline.image_size
+        images = [resize_image(load_rgb(s.path), size) for s in progress_bar(samples, "load images", progress)]
+        normal, synthetic, masks = [], [], []
+        jobs = [(v, i) for v in range(self.views) for i in range(len(images))]
+        batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def flush() -> None:
+            to_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+            normal.append(pipeline.features(to_tensor([b[0] for b in batch])))
+            synthetic.append(pipeline.features(to_tensor([b[1] for b in batch])))
+            mask = torch.from_numpy(np.stack([b[2] for b in batch])).float()[:, None]
+            masks.append(F.adaptive_max_pool2d(mask, normal[-1].shape[-2:]))
+            batch.clear()
+
+        for view, index in progress_bar(jobs, "synthesise + features", progress):
+            image = images[index] if view == 0 else augment_image(images[index], rng)
+            sources = [images[j] for j in rng.choice(len(images), size=min(3, len(images)), replace=False)]
+            anomalous, mask = local_anomaly(image, rng, sources=sources, use_foreground=self.use_foreground)
+            batch.append((image, anomalous, mask))
+            if len(batch) == 16:
+                flush()
+        if batch:
+            flush()
+        return torch.cat(normal), torch.cat(synthetic), torch.cat(masks)
+
+    def _global_anomalies(self, true: torch.Tensor, centre: torch.Tensor, radius_t: torch.Tensor) -> torch.Tensor:
+        """GAS: noise, then gradient ascent on the discriminator loss, projected into the [r, 2r] band."""
+        anchors = centre.expand_as(true) if self.gas == "hypersphere" else true.detach()
+        low = radius_t if self.gas == "hypersphere" else self.radius
+        offset = torch.randn_like(true) * self.noise_std
+        for step in range(self.gas_steps):
+            points = (true.detach() + offset).requires_grad_(True)
+            loss = F.binary_cross_entropy(self.discriminator(points), torch.ones(len(points), 1, 1, 1))
+            (grad,) = torch.autograd.grad(loss, points)
+            grad = grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
+            offset = offset + self.gas_step_size * grad
+            if (step + 1) % 5 == 0 or step == self.gas_steps - 1:
+                projected = project_to_band(true.detach() + offset, anchors, low, 2 * low)
+                offset = projected - true.detach()
+        return true + offset.detach()  # gradients still reach the adaptor through ``true``
+
+    def fit_samples(self, pipeline: Pipeline, samples: list[Sample], progress: bool = False) -> TinyGlass:
+        if len(samples) < 2:
+            raise ValueError("TinyGLASS needs at least 2 training images")
+        normal, synthetic, masks = self._cache_views(pipeline, samples, progress)
+        self.attach(normal.shape[1])
+        mean = normal.mean(dim=(0, 2, 3), keepdim=True)
+        std = normal.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        self.set_fitted(feature_mean_=mean, feature_std_=std)
+
+        generator = torch.Generator().manual_seed(self.seed)
+        optimisers = [
+            torch.optim.AdamW(self.adaptor.parameters(), lr=self.lr_adaptor),
+            torch.optim.AdamW(self.discriminator.parameters(), lr=self.lr_discriminator),
+        ]
+        self.history_: list[dict[str, float]] = []
+        self.train()
+        for _ in progress_bar(range(self.epochs), "train tinyglass", progress):
+            with torch.no_grad():  # the hypersphere centre and radius of the adapted normal features
+                sample = self.adapt(normal[torch.randperm(len(normal), generator=generator)[:64]])
+                centre = sample.mean(dim=(0, 2, 3), keepdim=True)
+                radius_t = torch.quantile((sample - centre).norm(dim=1).flatten(), self.radius_quantile)
+            order = torch.randperm(len(normal), generator=generator)
+            losses = []
+            for start in range(0, len(order), self.batch_size):
+                index = order[start : start + self.batch_size]
+                losses.append(self._step(normal[index], synthetic[index], masks[index], centre, radius_t, optimisers, generator))
+            self.history_.append({"loss": float(np.mean(losses))})
+        self.eval()
+        return self
+
+    def _step(self, normal, synthetic, masks, centre, radius_t, optimisers, generator) -> float:
+        n, c, h, w = normal.shape
+        # GAS works on a random subset of patches per image (the head is per-patch, so this is plain SGD).
+        k = min(self.patches_per_image, h * w)
+        picks = torch.stack([torch.randperm(h * w, generator=generator)[:k] for _ in range(n)])
+        patches = normal.flatten(2).gather(2, picks[:, None, :].expand(n, c, k))  # [n, c, k]
+        patches = patches.permute(0, 2, 1).reshape(n * k, c, 1, 1)
+        true = self.adapt(patches)
+        gaus = self._global_anomalies(true, centre, radius_t)
+        scores = self.discriminator(torch.cat([true, gaus]))
+        bce = F.binary_cross_entropy(scores[: len(true)], torch.zeros_like(scores[: len(true)]))
+        bce = bce + F.binary_cross_entropy(scores[len(true) :], torch.ones_like(scores[len(true) :]))
+        fake = self.adapt(synthetic)
+        if self.gas == "hypersphere":  # push LAS anomalies out to [2r, 4r] from the centre, as GLASS does
+            pushed = project_to_band(fake, centre.expand_as(fake), 2 * radius_t, 4 * radius_t)
+            fake = torch.where(masks > 0.5, pushed, fake)
+        loss = bce + focal_loss(self.discriminator(fake), masks)
+        for optimiser in optimisers:
+            optimiser.zero_grad()
+        loss.backward()
+        for optimiser in optimisers:
+            optimiser.step()
+        return float(loss.detach())
