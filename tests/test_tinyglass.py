@@ -26,7 +26,9 @@ def test_exported_graph_has_only_4d_tensors():
         value = node.meta.get("val")
         if node.op != "call_function" or not node.users:
             continue
-        assert isinstance(value, torch.Tensor), f"{node.target} returns {type(value).__name__}, not one tensor"
+        assert isinstance(value, torch.Tensor), (
+            f"{node.target} returns {type(value).__name__}, not one tensor"
+        )
         assert value.dim() == 4, f"{node.target} makes a {value.dim()}D tensor {tuple(value.shape)}"
         checked += 1
     assert checked > 50  # backbone + head + postprocess were all walked
@@ -58,7 +60,9 @@ def test_gas_projection_keeps_points_in_the_band():
 
 def test_focal_loss_prefers_right_answers():
     targets = torch.tensor([[0.0], [1.0]])
-    assert focal_loss(torch.tensor([[0.1], [0.9]]), targets) < focal_loss(torch.tensor([[0.9], [0.1]]), targets)
+    assert focal_loss(torch.tensor([[0.1], [0.9]]), targets) < focal_loss(
+        torch.tensor([[0.9], [0.1]]), targets
+    )
 
 
 def test_bad_hyperparameters_and_unfitted_use():
@@ -76,7 +80,12 @@ def test_tinyglass_learns_synthetic_defects(synthetic_dataset: Path, tmp_path: P
 
     params = {"epochs": 8, "views": 2}
     pipeline, config = fit_run(
-        synthetic_dataset, tmp_path / "run", model="tinyglass", image_size=128, progress=False, hyperparameters=params
+        synthetic_dataset,
+        tmp_path / "run",
+        model="tinyglass",
+        image_size=128,
+        progress=False,
+        hyperparameters=params,
     )
     history = pipeline.head.history_
     assert history[-1]["loss"] < history[0]["loss"]

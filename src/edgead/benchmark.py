@@ -21,6 +21,7 @@ from edgead.data.datasets import ImageDataset, find_categories, open_dataset
 from edgead.errors import DatasetError
 from edgead.evaluation import evaluate_run
 from edgead.latency import measure_latency
+from edgead.profiling import model_profile
 from edgead.reporting import markdown_table
 from edgead.training import fit_run
 
@@ -39,6 +40,8 @@ COLUMNS = [
     "head_ms",
     "postprocess_ms",
     "total_ms",
+    "params_m",
+    "gmacs",
     "run_mb",
 ]
 
@@ -93,6 +96,7 @@ def benchmark_one(
         [ImageDataset(test_samples, image_size)[i]["image"] for i in range(len(test_samples))]
     )
     latency = measure_latency(pipeline, images)
+    profile = model_profile(pipeline)
     return {
         "dataset": label,
         "model": model,
@@ -105,6 +109,9 @@ def benchmark_one(
         },
         "fit_s": config.extra["fit_seconds"],
         **{k: latency[k] for k in ("backbone_ms", "head_ms", "postprocess_ms", "total_ms")},
+        "params_m": profile["params"] / 1e6,
+        "gmacs": profile["macs"] / 1e9,
+        "head_data_mb": profile["head_data_bytes"] / 1e6,
         "run_mb": folder_megabytes(run_dir),
         "n_train": config.extra["n_train"],
         "n_validation": config.extra["n_validation"],
@@ -172,7 +179,7 @@ def run_benchmark(
         "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
         "- Latency: median ms per image at batch 1 over test images (backbone = preprocess + backbone; "
         "head = patch scores + image score, i.e. the kNN search for PatchCore; postprocess = upsample + "
-        "blur). fit_s = feature extraction + head fit (coreset selection included).",
+        "blur). fit_s = feature extraction + head fit (coreset selection, TinyGLASS training included). params_m = learned weights used at inference (a memory bank or Gaussians are data, not parameters); gmacs = multiply-accumulates per image at batch 1, kNN search included.",
         "- layers: backbone stage indices (2 = stride 8, 3 = stride 16, 4 = stride 32).",
         *[f"- {note}" for note in notes],
         "",

@@ -64,7 +64,9 @@ def fit_run(
     if isinstance(pipeline.head, TrainableHead):
         pipeline.head.fit_samples(pipeline, train, progress=progress)
     else:
-        features = extract_features(pipeline, train, batch_size=batch_size, progress=progress, desc="fit features")
+        features = extract_features(
+            pipeline, train, batch_size=batch_size, progress=progress, desc="fit features"
+        )
         pipeline.head.fit(features, progress=progress)
         del features
     fit_seconds = time.perf_counter() - start

@@ -173,8 +173,8 @@ def run_contamination(
             if same_test_set
             else "what each ratio leaves (it shrinks as the ratio grows)."
         ),
-        "- n_train = images fitted on. Validation images (threshold only) are held out from the normal "
-        "training images, so every contaminated image is fitted on; no reported metric uses the threshold.",
+        "- n_train = images fitted on. The validation images (threshold only) are a seeded share of the "
+        "contaminated training list, as a user's would be; no reported metric uses the threshold.",
         "",
     ]
     all_rows: list[dict[str, Any]] = []

@@ -44,5 +44,14 @@ def create_pipeline(
     return Pipeline(extractor, head, image_size=image_size, blur_sigma=blur_sigma)
 
 
-__all__ = ["HEADS", "Head", "Padim", "PatchCore",
-    "TinyGlass", "Pipeline", "create_head", "create_pipeline", "list_models"]
+__all__ = [
+    "HEADS",
+    "Head",
+    "Padim",
+    "PatchCore",
+    "TinyGlass",
+    "Pipeline",
+    "create_head",
+    "create_pipeline",
+    "list_models",
+]

@@ -40,7 +40,9 @@ def focal_loss(probabilities: torch.Tensor, targets: torch.Tensor, gamma: float 
     return (-((1 - p_true) ** gamma) * torch.log(p_true)).mean()
 
 
-def project_to_band(points: torch.Tensor, anchors: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float):
+def project_to_band(
+    points: torch.Tensor, anchors: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float
+):
     """Move each point along its direction from its anchor so that the distance lies in [low, high]."""
     offset = points - anchors
     norm = offset.norm(dim=1, keepdim=True)
@@ -108,7 +110,9 @@ class TinyGlass(TrainableHead):
         if self.adaptor is None:
             self._build(in_channels)
         elif in_channels != self.in_channels:
-            raise ValueError(f"this TinyGLASS head was built for {self.in_channels} channels, not {in_channels}")
+            raise ValueError(
+                f"this TinyGLASS head was built for {self.in_channels} channels, not {in_channels}"
+            )
 
     def _build(self, in_channels: int) -> None:
         self.in_channels = in_channels
@@ -140,7 +144,9 @@ class TinyGlass(TrainableHead):
 
         rng = np.random.default_rng(self.seed)
         size = pipeline.image_size
-        images = [resize_image(load_rgb(s.path), size) for s in progress_bar(samples, "load images", progress)]
+        images = [
+            resize_image(load_rgb(s.path), size) for s in progress_bar(samples, "load images", progress)
+        ]
         normal, synthetic, masks = [], [], []
         jobs = [(v, i) for v in range(self.views) for i in range(len(images))]
         batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -164,7 +170,9 @@ class TinyGlass(TrainableHead):
             flush()
         return torch.cat(normal), torch.cat(synthetic), torch.cat(masks)
 
-    def _global_anomalies(self, true: torch.Tensor, centre: torch.Tensor, radius_t: torch.Tensor) -> torch.Tensor:
+    def _global_anomalies(
+        self, true: torch.Tensor, centre: torch.Tensor, radius_t: torch.Tensor
+    ) -> torch.Tensor:
         """GAS: noise, then gradient ascent on the discriminator loss, projected into the [r, 2r] band."""
         anchors = centre.expand_as(true) if self.gas == "hypersphere" else true.detach()
         low = radius_t if self.gas == "hypersphere" else self.radius
@@ -205,7 +213,11 @@ class TinyGlass(TrainableHead):
             losses = []
             for start in range(0, len(order), self.batch_size):
                 index = order[start : start + self.batch_size]
-                losses.append(self._step(normal[index], synthetic[index], masks[index], centre, radius_t, optimisers, generator))
+                losses.append(
+                    self._step(
+                        normal[index], synthetic[index], masks[index], centre, radius_t, optimisers, generator
+                    )
+                )
             self.history_.append({"loss": float(np.mean(losses))})
         self.eval()
         return self

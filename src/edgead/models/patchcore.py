@@ -136,6 +136,11 @@ class PatchCore(Head):
         dist, _ = self._nearest(features)
         return dist.unsqueeze(1)
 
+    def external_macs(self, features_shape: tuple[int, ...]) -> int:
+        """The exact kNN search runs in faiss, outside torch: patches x bank entries x channels."""
+        n, c, h, w = features_shape
+        return n * h * w * len(self.memory_bank_) * c if self.memory_bank_ is not None else 0
+
     def image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor:
         """The paper's reweighted max patch score: s = (1 - softmax(d to N_b(m*))[m*]) * s*."""
         n, c, h, w = features.shape
