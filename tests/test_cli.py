@@ -89,3 +89,9 @@ def test_run_folder_from_another_model_or_tool(fitted_run: Path, tmp_path: Path)
 @pytest.mark.parametrize("args", [("predict",), ("fit", ".", "--model", "nope")])
 def test_usage_errors_exit_non_zero(args, tmp_path: Path):
     assert edgead(*args, cwd=tmp_path).returncode != 0
+
+
+def test_profile_reports_params_and_macs(fitted_run: Path):
+    result = edgead("profile", fitted_run)
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "MACs" in result.stdout and "head data" in result.stdout

@@ -277,6 +277,27 @@ def demo(
     typer.echo(f"report: {metrics['report']}")
 
 
+@app.command()
+def profile(run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")]) -> None:
+    """Parameters, MACs and bytes of a fitted run at its input size (batch 1)."""
+    from edgead.profiling import model_profile
+    from edgead.runs import load_run
+
+    pipeline, config = load_run(run)
+    info = model_profile(pipeline)
+    typer.echo(f"{config.model} with {config.backbone} at {info['image_size']}x{info['image_size']}:")
+    typer.echo(
+        f"  parameters   {info['params']:,} (backbone {info['backbone_params']:,}, head {info['head_params']:,})"
+    )
+    typer.echo(
+        f"  MACs         {info['macs'] / 1e9:.3f} G (backbone {info['backbone_macs'] / 1e9:.3f}, "
+        f"head {info['head_macs'] / 1e9:.3f}, postprocess {info['postprocess_macs'] / 1e9:.3f})"
+    )
+    typer.echo(f"  weights      {info['weights_bytes'] / 1e6:.2f} MB float32")
+    if info["head_data_values"]:
+        typer.echo(f"  head data    {info['head_data_bytes'] / 1e6:.2f} MB {info['head_data']}")
+
+
 @app.command(name="list")
 def list_components() -> None:
     """List the available models and backbones."""
