@@ -10,17 +10,15 @@ are used. Writes docs/results/patchcore_knn.md.
 
 from __future__ import annotations
 
-import datetime as dt
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from edgead.benchmark import machine_description
 from edgead.models import create_pipeline
 from edgead.models.patchcore import NearestNeighbourIndex
-from edgead.reporting import markdown_table
+from edgead.reporting import markdown_table, results_header
 
 TRAIN_IMAGES = 188  # MVTec bottle after the validation split
 RATIOS = (0.01, 0.02, 0.05, 0.1)
@@ -65,11 +63,10 @@ def main() -> None:
     out.write_text(
         "\n".join(
             [
-                "# PatchCore: kNN search cost against the backbone",
-                "",
-                "- Command: `.venv/bin/python benchmarks/knn_latency.py`",
-                f"- Machine: {machine_description()}",
-                f"- Date: {dt.date.today().isoformat()}",
+                *results_header(
+                    "PatchCore: kNN search cost against the backbone",
+                    ".venv/bin/python benchmarks/knn_latency.py",
+                ),
                 f"- Backbone: efficientnet_lite0, stride 8 + 16 ({queries.shape[1]} channels), 256x256, batch 1: "
                 f"{queries.shape[0]} query patches per image; bank = ratio x {TRAIN_IMAGES} images x "
                 f"{queries.shape[0]} patches. Median ms of exact search (k=1).",

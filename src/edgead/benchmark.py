@@ -6,11 +6,7 @@ with the backbone and the head timed separately.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
-import platform
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +18,7 @@ from edgead.errors import DatasetError
 from edgead.evaluation import evaluate_run
 from edgead.latency import measure_latency
 from edgead.profiling import model_profile
-from edgead.reporting import markdown_table
+from edgead.reporting import markdown_table, results_header
 from edgead.training import fit_run
 
 COLUMNS = [
@@ -121,18 +117,6 @@ def benchmark_one(
     }
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def run_benchmark(
     datasets: Sequence[str | Path],
     models: Sequence[str],
@@ -168,13 +152,10 @@ def run_benchmark(
     ]
     out_markdown = Path(out_markdown)
     out_markdown.parent.mkdir(parents=True, exist_ok=True)
-    command = command or "edgead " + " ".join(sys.argv[1:])
     lines = [
-        f"# Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}",
-        "",
-        f"- Command: `{command}`",
-        f"- Machine: {machine_description()}",
-        f"- Date: {dt.date.today().isoformat()}",
+        *results_header(
+            f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command
+        ),
         f"- Images resized to {image_size}x{image_size}; masks resized with nearest neighbour. Thresholds "
         "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
         "- Latency: median ms per image at batch 1 over test images (backbone = preprocess + backbone; "

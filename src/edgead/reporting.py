@@ -8,8 +8,12 @@ made: :func:`overlay_heatmap` is reused by the video runtime, which should not p
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import math
+import os
+import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -291,3 +295,30 @@ def save_heatmap_examples(
         fig.savefig(path)
         paths.append(path)
     return paths
+
+
+def machine_description() -> str:
+    """Cores, CPU model, torch version and threads: what a reader needs to compare timings."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def results_header(title: str, command: str | None = None) -> list[str]:
+    """The first lines of every docs/results file: what made it, on which machine, when."""
+    command = command or "edgead " + " ".join(sys.argv[1:])
+    return [
+        f"# {title}",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine_description()}",
+        f"- Date: {dt.date.today().isoformat()}",
+    ]

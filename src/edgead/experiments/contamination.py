@@ -9,20 +9,18 @@ any fit; the reported metrics (AUROC, AUPRO) do not depend on a threshold. Write
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgead.benchmark import expand_datasets, machine_description
+from edgead.benchmark import expand_datasets
 from edgead.data.contamination import anomalous_share, contaminate
 from edgead.data.datasets import AnomalyDataset, Sample, open_dataset
 from edgead.errors import EdgeadError
 from edgead.evaluation import score_predictions
 from edgead.inference import predict_samples
-from edgead.reporting import markdown_table
+from edgead.reporting import markdown_table, results_header
 from edgead.training import fit_run
 
 COLUMNS = [
@@ -159,13 +157,8 @@ def run_contamination(
 
     out_markdown = Path(out_markdown)
     out_markdown.parent.mkdir(parents=True, exist_ok=True)
-    command = command or "edgead " + " ".join(sys.argv[1:])
     lines = [
-        f"# Training-set contamination: {model} at {image_size}x{image_size}",
-        "",
-        f"- Command: `{command}`",
-        f"- Machine: {machine_description()}",
-        f"- Date: {dt.date.today().isoformat()}",
+        *results_header(f"Training-set contamination: {model} at {image_size}x{image_size}", command),
         f"- {RATIO_DEFINITION}",
         "- Test set: "
         + (
