@@ -70,7 +70,7 @@ def fit(
         typer.Argument(help="MVTec-layout category (train/good, ...) or plain folder (good/, <defect>/)."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
-    model: Annotated[str, typer.Option(help="Method: patchcore or padim.")] = "patchcore",
+    model: Annotated[str, typer.Option(help="Method: tinyglass, patchcore or padim.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Backbone name, see `edgead list`.")] = "efficientnet_lite0",
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 256,
     layers: Annotated[
@@ -161,7 +161,9 @@ def benchmark(
     datasets: Annotated[
         list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
     ],
-    models: Annotated[str, typer.Option(help="Comma-separated models.")] = "patchcore,padim",
+    models: Annotated[
+        str, typer.Option(help="Comma-separated models (tinyglass, patchcore, padim).")
+    ] = "patchcore,padim",
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Markdown table to write (JSON beside it).")
     ] = Path("docs/results/baselines.md"),
