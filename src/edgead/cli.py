@@ -30,6 +30,11 @@ ParamOption = Annotated[
 ]
 
 
+DatasetsArgument = Annotated[
+    list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
+]
+
+
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
     """'2,3,4' -> (2, 3, 4); None or 'default' keeps the backbone's default stages."""
     if text is None or text == "default":
@@ -158,9 +163,7 @@ def predict(
 
 @app.command()
 def benchmark(
-    datasets: Annotated[
-        list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
-    ],
+    datasets: DatasetsArgument,
     models: Annotated[
         str, typer.Option(help="Comma-separated models (tinyglass, patchcore, padim).")
     ] = "patchcore,padim",
@@ -219,9 +222,7 @@ def parse_ratios(text: str) -> list[float]:
 
 @experiment_app.command()
 def contamination(
-    datasets: Annotated[
-        list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
-    ],
+    datasets: DatasetsArgument,
     ratios: Annotated[
         str, typer.Option(help="Shares of the anomalous test images moved into train, comma-separated.")
     ] = "0,0.05,0.1,0.2,0.3",
