@@ -68,12 +68,15 @@ def test_focal_loss_prefers_right_answers():
 def test_bad_hyperparameters_and_unfitted_use():
     with pytest.raises(ValueError, match="gas"):
         TinyGlass(gas="sphere")
+    with pytest.raises(ValueError, match="hard_mining"):
+        TinyGlass(hard_mining=1.0)
     pipeline = create_pipeline("tinyglass", pretrained=False, image_size=64)
     with pytest.raises(RuntimeError, match="not fitted"):
         pipeline.predict(torch.rand(1, 3, 64, 64))
 
 
 def test_tinyglass_learns_synthetic_defects(synthetic_dataset: Path, tmp_path: Path):
+    from edgead.data.datasets import open_dataset, split_validation
     from edgead.evaluation import evaluate_run
     from edgead.runs import load_run
     from edgead.training import fit_run
@@ -89,6 +92,13 @@ def test_tinyglass_learns_synthetic_defects(synthetic_dataset: Path, tmp_path: P
     )
     history = pipeline.head.history_
     assert history[-1]["loss"] < history[0]["loss"]
+    # Model selection on held-out normal images + their LAS versions keeps the best epoch's weights.
+    scores = [record["selection"] for record in history]
+    best = max(range(len(scores)), key=lambda i: (scores[i], i)) + 1
+    assert pipeline.head.selected_epoch_ == best == config.extra["selected_epoch"]
+    validation = split_validation(open_dataset(synthetic_dataset).train, fraction=0.1, seed=0)[1]
+    selection = pipeline.head._selection_set(pipeline, validation, progress=False)
+    assert pipeline.head.selection_score(*selection, pipeline.postprocess) == pytest.approx(scores[best - 1])
     metrics = evaluate_run(tmp_path / "run", out_dir=tmp_path / "report", progress=False)
     assert metrics["image_auroc"] > 0.8
     loaded, _ = load_run(tmp_path / "run")

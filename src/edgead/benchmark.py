@@ -1,7 +1,9 @@
 """`edgead benchmark`: fit and test several models on several datasets, one markdown table + JSON.
 
 Accuracy comes from `edgead test`'s metrics; latency is measured per image at batch 1 on test images,
-with the backbone and the head timed separately.
+with the backbone and the head timed separately. With ``runtimes`` beyond torch, each fitted run is
+also exported (ONNX, INT8 ONNX Runtime, OpenVINO, INT8 OpenVINO via NNCF) and every file is tested
+and timed the same way: whole-model latency at batch 1 and throughput at batch 16.
 """
 
 from __future__ import annotations
@@ -14,12 +16,31 @@ from typing import Any
 import torch
 
 from edgead.data.datasets import ImageDataset, find_categories, open_dataset
-from edgead.errors import DatasetError
+from edgead.errors import DatasetError, EdgeadError
 from edgead.evaluation import evaluate_run
-from edgead.latency import measure_latency
+from edgead.latency import measure_end_to_end, measure_latency
 from edgead.profiling import model_profile
 from edgead.reporting import markdown_table, results_header
+from edgead.runs import load_run
 from edgead.training import fit_run
+
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8")
+RUNTIME_COLUMNS = [
+    "dataset",
+    "model",
+    "runtime",
+    "image_auroc",
+    "pixel_auroc",
+    "image_auroc_change",
+    "pixel_auroc_change",
+    "file_mb",
+    "p50_ms",
+    "p95_ms",
+    "ips_b16",
+    "speedup_vs_torch",
+    "params_m",
+    "gmacs",
+]
 
 COLUMNS = [
     "dataset",
@@ -62,6 +83,52 @@ def folder_megabytes(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 1e6
 
 
+def fit_or_reuse(run_dir: Path, dataset: Path, reuse: bool, **fit_kwargs: Any):
+    """Fit, or load the run already in ``run_dir`` when ``reuse`` is set (same name = same settings)."""
+    if reuse and (run_dir / "config.json").is_file():
+        return load_run(run_dir, expect_model=fit_kwargs["model"])
+    return fit_run(dataset, run_dir, **fit_kwargs)
+
+
+def test_images(dataset: Path, image_size: int, count: int) -> torch.Tensor:
+    samples = open_dataset(dataset).test[:count]
+    return torch.stack([ImageDataset(samples, image_size)[i]["image"] for i in range(len(samples))])
+
+
+def runtime_rows(
+    run_dir: Path, dataset: Path, base: dict[str, Any], runtimes: Sequence[str], images: torch.Tensor, progress: bool
+) -> list[dict[str, Any]]:
+    """Export the run once per format and test + time each runtime's file against the torch row."""
+    from edgead.deploy.export import export_run, file_megabytes
+    from edgead.deploy.runtimes import load_inferencer
+
+    int8 = any(r.endswith("-int8") for r in runtimes)
+    files: dict[str, Path] = {}
+    if any(r.startswith("onnxruntime") for r in runtimes):
+        report = export_run(run_dir, "onnx", run_dir / "export", int8=int8, progress=progress)
+        files.update({"onnxruntime": report["files"]["onnx"], "onnxruntime-int8": report["files"].get("onnx_int8")})
+    if any(r.startswith("openvino") for r in runtimes):
+        report = export_run(run_dir, "openvino", run_dir / "export", int8=int8, progress=progress)
+        files.update({"openvino": report["files"]["openvino"], "openvino-int8": report["files"].get("openvino_int8")})
+    rows = []
+    for runtime in runtimes:
+        if runtime == "torch":
+            continue
+        path = files[runtime]
+        engine = runtime.removesuffix("-int8")
+        metrics = evaluate_run(path, dataset, runtime=engine, progress=progress)
+        timing = measure_end_to_end(load_inferencer(path, engine), images)
+        row = {key: base[key] for key in ("dataset", "model", "layers", "backbone", "image_size", "params_m", "gmacs")}
+        row.update(runtime=runtime, file=str(path), file_mb=file_megabytes(path), **timing)
+        row.update({k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")})
+        for key in ("image_auroc", "pixel_auroc"):
+            if row.get(key) is not None and base.get(key) is not None:
+                row[f"{key}_change"] = row[key] - base[key]
+        row["speedup_vs_torch"] = base["p50_ms"] / row["p50_ms"]
+        rows.append(row)
+    return rows
+
+
 def benchmark_one(
     label: str,
     dataset: Path,
@@ -73,12 +140,15 @@ def benchmark_one(
     hyperparameters: dict[str, Any],
     latency_images: int,
     progress: bool,
-) -> dict[str, Any]:
+    runtimes: Sequence[str] = ("torch",),
+    reuse_runs: bool = False,
+) -> list[dict[str, Any]]:
     layer_tag = "default" if layers is None else "-".join(map(str, layers))
     run_dir = runs_dir / f"{model}_{layer_tag}_{label.replace('/', '_')}"
-    pipeline, config = fit_run(
-        dataset,
+    pipeline, config = fit_or_reuse(
         run_dir,
+        dataset,
+        reuse_runs,
         model=model,
         backbone=backbone,
         image_size=image_size,
@@ -87,15 +157,13 @@ def benchmark_one(
         progress=progress,
     )
     metrics = evaluate_run(run_dir, dataset, pipeline=pipeline, config=config, progress=progress)
-    test_samples = open_dataset(dataset).test[:latency_images]
-    images = torch.stack(
-        [ImageDataset(test_samples, image_size)[i]["image"] for i in range(len(test_samples))]
-    )
+    images = test_images(dataset, image_size, latency_images)
     latency = measure_latency(pipeline, images)
     profile = model_profile(pipeline)
-    return {
+    row = {
         "dataset": label,
         "model": model,
+        "runtime": "torch",
         "layers": ",".join(map(str, config.layers)),
         "backbone": backbone,
         "image_size": image_size,
@@ -115,6 +183,10 @@ def benchmark_one(
         "head": config.head,
         "run_dir": str(run_dir),
     }
+    if list(runtimes) == ["torch"]:
+        return [row]
+    row.update(measure_end_to_end(pipeline, images), file_mb=row["run_mb"], speedup_vs_torch=1.0)
+    return [row, *runtime_rows(run_dir, dataset, row, runtimes, images, progress)]
 
 
 def run_benchmark(
@@ -130,11 +202,21 @@ def run_benchmark(
     progress: bool = True,
     command: str | None = None,
     notes: Sequence[str] = (),
+    runtimes: Sequence[str] = ("torch",),
+    reuse_runs: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every dataset x layer set x model; ``layers`` None is the backbone's default (stride 8 + 16)."""
+    """Every dataset x layer set x model (x runtime); ``layers`` None is the backbone's default."""
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise EdgeadError(f"unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}")
+    runtimes = ["torch", *[r for r in runtimes if r != "torch"]]  # torch is the reference row
     paths = expand_datasets(datasets)
     rows = [
-        benchmark_one(
+        row
+        for label, path in paths
+        for layers in layer_sets
+        for model in models
+        for row in benchmark_one(
             label,
             path,
             model,
@@ -145,10 +227,9 @@ def run_benchmark(
             hyperparameters or {},
             latency_images,
             progress,
+            runtimes,
+            reuse_runs,
         )
-        for label, path in paths
-        for layers in layer_sets
-        for model in models
     ]
     out_markdown = Path(out_markdown)
     out_markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -162,11 +243,25 @@ def run_benchmark(
         "head = patch scores + image score, i.e. the kNN search for PatchCore; postprocess = upsample + "
         "blur). fit_s = feature extraction + head fit (coreset selection, TinyGLASS training included). params_m = learned weights used at inference (a memory bank or Gaussians are data, not parameters); gmacs = multiply-accumulates per image at batch 1, kNN search included.",
         "- layers: backbone stage indices (2 = stride 8, 3 = stride 16, 4 = stride 32).",
+        *runtime_notes(runtimes),
         *[f"- {note}" for note in notes],
         "",
-        markdown_table(rows, COLUMNS),
+        markdown_table(rows, COLUMNS if len(runtimes) == 1 else RUNTIME_COLUMNS),
         "",
     ]
     out_markdown.write_text("\n".join(lines))
     out_markdown.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return rows
+
+
+def runtime_notes(runtimes: Sequence[str]) -> list[str]:
+    if len(runtimes) == 1:
+        return []
+    return [
+        "- Runtimes: torch = the run folder in PyTorch eager (fp32); onnxruntime / openvino = the exported "
+        "fp32 ONNX file (uint8 input, whole pipeline in one graph); -int8 = post-training static INT8 "
+        "(ONNX Runtime QDQ u8/s8 per-channel, or OpenVINO NNCF) calibrated on 64 train/good images, backbone "
+        "in INT8, head and postprocess in float. *_change = AUROC minus the torch fp32 row's.",
+        "- p50_ms / p95_ms: whole model per image at batch 1 (test images, after warm-up); ips_b16: images "
+        "per second at batch 16; speedup_vs_torch: torch p50 / this p50; file_mb: the file(s) a device needs.",
+    ]

@@ -30,6 +30,16 @@ ParamOption = Annotated[
 ]
 
 
+RuntimeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="torch (run folders), onnxruntime or openvino (exported .onnx / .xml); default: the file's own."
+    ),
+]
+ModelArgument = Annotated[
+    Path, typer.Argument(help="Run folder written by `edgead fit`, or a file written by `edgead export`.")
+]
+
 DatasetsArgument = Annotated[
     list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
 ]
@@ -117,38 +127,49 @@ def fit(
 
 @app.command()
 def test(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
+    run: ModelArgument,
     dataset: Annotated[
         Path | None, typer.Option(help="Dataset to test on (default: the one it was fitted on).")
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Report folder (default: RUN/test).")
     ] = None,
+    runtime: RuntimeOption = None,
 ) -> None:
-    """Evaluate a run on a dataset's test split: metrics.json, scores.csv, ROC curves, heat maps."""
+    """Evaluate a run or an exported model on a test split: metrics.json, scores.csv, ROC, heat maps.
+
+    An INT8 file is also compared with its fp32 run (when that folder is still there).
+    """
     from edgead.evaluation import evaluate_run
 
-    metrics = evaluate_run(run, dataset, out)
+    metrics = evaluate_run(run, dataset, out, runtime=runtime)
     typer.echo(
-        f"{metrics['model']} on {metrics['dataset']} ({metrics.get('n_normal')} normal, "
-        f"{metrics.get('n_anomalous')} anomalous):"
+        f"{metrics['model']} ({metrics['runtime']}) on {metrics['dataset']} ({metrics.get('n_normal')} "
+        f"normal, {metrics.get('n_anomalous')} anomalous):"
     )
     print_metrics(metrics)
-    typer.echo(f"report written to {out or run / 'test'}")
+    for key in ("image_auroc", "pixel_auroc"):
+        if f"{key}_change" in metrics:
+            typer.echo(
+                f"  {key} change vs fp32: {100 * metrics[key + '_change']:+.2f} points "
+                f"(fp32 {metrics['fp32_' + key]:.4f})"
+            )
+    typer.echo(f"report written to {out or metrics['report_dir']}")
 
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
+    run: ModelArgument,
     inputs: Annotated[list[Path], typer.Argument(help="Images and/or folders of images.")],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for heat maps and predictions.csv.")
     ] = Path("predictions"),
+    runtime: RuntimeOption = None,
 ) -> None:
     """Score images: prints score and decision per image, writes heat-map overlays and a CSV."""
     from edgead.prediction import predict_paths
 
-    results = predict_paths(run, inputs, out)
+    results = predict_paths(run, inputs, out, runtime=runtime)
     failed = 0
     for r in results:
         if r.error:
@@ -180,8 +201,17 @@ def benchmark(
         list[str] | None, typer.Option(help="A line of context for the report (repeatable).")
     ] = None,
     param: ParamOption = None,
+    runtime: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also export and test on: onnxruntime, onnxruntime-int8, openvino, openvino-int8 (repeatable)."
+        ),
+    ] = None,
+    reuse_runs: Annotated[
+        bool, typer.Option("--reuse-runs", help="Load runs already in --runs-dir instead of refitting them.")
+    ] = False,
 ) -> None:
-    """Fit + test every model on every dataset; write one markdown table and JSON."""
+    """Fit + test every model on every dataset (and runtime); write one markdown table and JSON."""
     from edgead.benchmark import run_benchmark
 
     model_names = [m.strip() for m in models.split(",") if m.strip()]
@@ -196,13 +226,53 @@ def benchmark(
         hyperparameters={m: params for m in model_names},
         layer_sets=[parse_layers(text) for text in layers] if layers else [None],
         notes=note or (),
+        runtimes=runtime or ("torch",),
+        reuse_runs=reuse_runs,
     )
     for row in rows:
         typer.echo(
-            f"{row['dataset']:<24} {row['model']:<10} layers {row['layers']:<6} "
+            f"{row['dataset']:<24} {row['model']:<10} {row['runtime']:<17} layers {row['layers']:<6} "
             f"image AUROC {row['image_auroc']:.4f}"
         )
     typer.echo(f"table written to {out}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx, openvino or imx500.")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: RUN/export).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 post-training-quantized file.")] = False,
+    calibration: Annotated[int, typer.Option(help="Number of calibration images for --int8.")] = 64,
+    calibration_dir: Annotated[
+        Path | None, typer.Option(help="Folder of normal images (default: the run's train/good).")
+    ] = None,
+    float_input: Annotated[
+        bool, typer.Option("--float-input", help="Graph input float 0..1 instead of uint8 0..255.")
+    ] = False,
+) -> None:
+    """Export a run to one static graph (ONNX opset 17, OpenVINO IR, or IMX500 packerOut.zip)."""
+    from edgead.deploy.export import export_run
+
+    report = export_run(
+        run,
+        format,
+        out,
+        int8=int8,
+        calibration=calibration,
+        calibration_dir=calibration_dir,
+        input_dtype="float32" if float_input else "uint8",
+    )
+    if "parity_max_abs_diff_map" in report:
+        typer.echo(
+            f"parity vs torch on {report['parity_images']} images: max abs diff map "
+            f"{report['parity_max_abs_diff_map']:.2e}, score {report['parity_max_abs_diff_score']:.2e}"
+        )
+    for key, path in report.get("files", {}).items():
+        typer.echo(f"{key:<14} {path} ({report['sizes_mb'][key]:.2f} MB)")
+    for key, value in report.items():
+        if key not in ("files", "sizes_mb") and not key.startswith("parity"):
+            typer.echo(f"{key}: {value}")
 
 
 experiment_app = typer.Typer(

@@ -14,9 +14,8 @@ import numpy as np
 from edgead.data.datasets import open_dataset
 from edgead.data.images import load_rgb, resize_image
 from edgead.errors import DatasetError
-from edgead.inference import Predictions, predict_samples
+from edgead.inference import Predictions, Predictor, predict_samples
 from edgead.metrics import evaluate, normalize_scores
-from edgead.models import Pipeline
 from edgead.reporting import (
     save_heatmap_examples,
     save_pixel_roc_plot,
@@ -81,12 +80,22 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
-    pipeline: Pipeline | None = None,
+    pipeline: Predictor | None = None,
     config: RunConfig | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run on the test split of ``dataset`` (default: the dataset it was fitted on)."""
+    """Evaluate a run folder or an exported model on the test split of ``dataset``.
+
+    ``dataset`` defaults to the one the model was fitted on. An INT8 file whose fp32 run folder is still
+    on disk is compared with it: the metrics then hold the fp32 AUROC and the change.
+    """
+    from edgead.deploy.runtimes import load_inferencer
+
+    run_dir = Path(run_dir)
     if pipeline is None or config is None:
-        pipeline, config = load_run(run_dir)
+        inferencer = load_inferencer(run_dir, runtime)
+        pipeline, config = inferencer, inferencer.config
+        runtime = inferencer.runtime
     dataset = dataset or config.extra.get("dataset")
     if dataset is None:
         raise DatasetError("no dataset given and the run does not record one: pass --dataset PATH")
@@ -102,7 +111,22 @@ def evaluate_run(
             "dataset": data.name,
             "image_size": config.image_size,
             "threshold": config.threshold,
+            "runtime": runtime or "torch",
         }
     )
-    write_report(predictions, config, metrics, Path(out_dir) if out_dir else Path(run_dir) / "test")
+    quantization = getattr(pipeline, "metadata", {}).get("quantization")
+    source = getattr(pipeline, "metadata", {}).get("source_run")
+    if quantization:
+        metrics["quantization"] = quantization
+        if source and Path(source, "config.json").is_file():
+            reference = predict_samples(load_run(source)[0], data.test, batch_size, progress, "fp32 reference")
+            fp32 = score_predictions(reference, config)
+            for key in ("image_auroc", "pixel_auroc"):
+                if metrics.get(key) is not None and fp32.get(key) is not None:
+                    metrics[f"fp32_{key}"] = fp32[key]
+                    metrics[f"{key}_change"] = metrics[key] - fp32[key]
+    if out_dir is None:
+        out_dir = run_dir / "test" if run_dir.is_dir() else run_dir.parent / f"test_{run_dir.stem}_{runtime}"
+    metrics["report_dir"] = str(out_dir)
+    write_report(predictions, config, metrics, Path(out_dir))
     return metrics

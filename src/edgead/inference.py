@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -11,6 +12,16 @@ import torch
 from edgead.data.datasets import Sample, make_loader
 from edgead.models import Pipeline
 from edgead.progress import progress as progress_bar
+
+
+class Predictor(Protocol):
+    """What the scoring loops need: a torch Pipeline or a runtime's inferencer (ONNX Runtime, OpenVINO)."""
+
+    image_size: int
+
+    def eval(self) -> Any: ...
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @torch.no_grad()
@@ -42,7 +53,7 @@ class Predictions:
 
 @torch.no_grad()
 def predict_samples(
-    pipeline: Pipeline,
+    pipeline: Predictor,
     samples: Sequence[Sample],
     batch_size: int = 16,
     progress: bool = True,

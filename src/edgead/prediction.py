@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from edgead.data.images import list_images, load_rgb, resize_image
+from edgead.deploy.runtimes import load_inferencer
 from edgead.errors import DatasetError, EdgeadError
+from edgead.inference import Predictor
 from edgead.metrics import normalize_scores
-from edgead.models import Pipeline
 from edgead.progress import progress as progress_bar
 from edgead.reporting import overlay_heatmap
-from edgead.runs import RunConfig, load_run
+from edgead.runs import RunConfig
 
 
 @dataclass
@@ -53,7 +54,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def predict_image(
-    pipeline: Pipeline, config: RunConfig, image: np.ndarray
+    pipeline: Predictor, config: RunConfig, image: np.ndarray
 ) -> tuple[float, float, np.ndarray]:
     """Score one RGB uint8 image: (score, normalised score, anomaly map at the model's input size)."""
     resized = resize_image(image, config.image_size)
@@ -67,9 +68,15 @@ def predict_image(
 
 
 def predict_paths(
-    run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Path, progress: bool = True
+    run_dir: str | Path,
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    progress: bool = True,
+    runtime: str | None = None,
 ) -> list[ImageResult]:
-    pipeline, config = load_run(run_dir)
+    """Score images with a run folder (torch) or an exported model on ``runtime``."""
+    pipeline = load_inferencer(run_dir, runtime)
+    config = pipeline.config
     paths = collect_inputs(inputs)
     out_dir = Path(out_dir)
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)

@@ -45,24 +45,34 @@ def fit_run(
     batch_size: int = 16,
     progress: bool = True,
     hyperparameters: dict[str, Any] | None = None,
+    pipeline: Pipeline | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Pipeline, RunConfig]:
-    """Fit ``model`` on ``dataset``'s train/good images and save it to ``run_dir``."""
+    """Fit ``model`` on ``dataset``'s train/good images and save it to ``run_dir``.
+
+    ``pipeline`` fits a prebuilt pipeline instead (e.g. a channel-pruned one from
+    :mod:`edgead.deploy.prune`): its head is fitted (a trained head continues from its current weights),
+    its backbone kept, and ``model``, ``backbone``, ``image_size``, ``layers`` and ``hyperparameters``
+    are taken from it. ``extra`` entries are added to the run config's ``extra``.
+    """
     torch.manual_seed(seed)
     data = dataset if isinstance(dataset, AnomalyDataset) else open_dataset(dataset)
     train, validation = split_validation(data.train, fraction=validation_fraction, seed=seed)
-    hyperparameters = dict(hyperparameters or {})
-    pipeline = create_pipeline(
-        model,
-        backbone=backbone,
-        image_size=image_size,
-        layers=layers,
-        pretrained=pretrained,
-        weights_path=weights_path,
-        **hyperparameters,
-    )
+    if pipeline is None:
+        pipeline = create_pipeline(
+            model,
+            backbone=backbone,
+            image_size=image_size,
+            layers=layers,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            **dict(hyperparameters or {}),
+        )
+    else:
+        model, backbone, image_size = pipeline.head.name, pipeline.backbone.name, pipeline.image_size
     start = time.perf_counter()
     if isinstance(pipeline.head, TrainableHead):
-        pipeline.head.fit_samples(pipeline, train, progress=progress)
+        pipeline.head.fit_samples(pipeline, train, progress=progress, validation=validation)
     else:
         features = extract_features(
             pipeline, train, batch_size=batch_size, progress=progress, desc="fit features"
@@ -90,10 +100,12 @@ def fit_run(
             "validation_fraction": validation_fraction,
             "seed": seed,
             "fit_seconds": round(fit_seconds, 2),
+            **({"selected_epoch": pipeline.head.selected_epoch_} if hasattr(pipeline.head, "selected_epoch_") else {}),
             "pretrained": pretrained,
             "weights_path": weights_path,
             "created": dt.datetime.now().isoformat(timespec="seconds"),
             "torch_threads": torch.get_num_threads(),
+            **(extra or {}),
         },
         **calibration,
     )

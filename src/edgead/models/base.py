@@ -69,10 +69,13 @@ class Head(nn.Module):
 class TrainableHead(Head):
     """A head trained end to end on images (e.g. with synthetic anomalies), not on cached features alone.
 
-    ``fit_samples`` gets the whole pipeline (for the frozen backbone) and the normal training samples.
+    ``fit_samples`` gets the whole pipeline (for the frozen backbone), the normal training samples and,
+    optionally, normal validation samples it may use for model selection (never test samples).
     """
 
-    def fit_samples(self, pipeline: Pipeline, samples: list, progress: bool = False) -> TrainableHead:
+    def fit_samples(
+        self, pipeline: Pipeline, samples: list, progress: bool = False, validation: list | None = None
+    ) -> TrainableHead:
         raise NotImplementedError
 
     def fit(self, features: torch.Tensor, progress: bool = False) -> Head:

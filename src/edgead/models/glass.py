@@ -15,11 +15,17 @@ Training follows GLASS on features of normal images:
 
 CPU budget: the backbone is frozen, so its features are computed once for a fixed number of augmented
 views of each training image (and their LAS versions) and cached; the epochs then only run the small
-head. Model selection is a fixed number of epochs: nothing looks at the test set.
+head.
+
+Model selection never looks at the test set. When normal validation images are given (``edgead fit``
+holds out 10% of train/good), they and LAS versions of them form a selection set; after every epoch the
+head is scored on it (mean of image AUROC, normal vs synthetic, and patch AUROC on the synthetic masks)
+and the best epoch's weights are kept. Without validation images the last epoch is kept.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,6 +35,7 @@ from torch import nn
 
 from edgead.data.datasets import Sample
 from edgead.data.images import load_rgb, resize_image
+from edgead.metrics import image_auroc
 from edgead.models.base import Pipeline, TrainableHead
 from edgead.progress import progress as progress_bar
 
@@ -73,9 +80,12 @@ class TinyGlass(TrainableHead):
         radius: float = 0.5,
         radius_quantile: float = 0.75,
         use_foreground: bool = False,
+        hard_mining: float = 0.5,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 <= hard_mining < 1:
+            raise ValueError(f"hard_mining must be in [0, 1), got {hard_mining}")
         if gas not in ("manifold", "hypersphere"):
             raise ValueError(f"gas must be 'manifold' or 'hypersphere', got {gas!r}")
         self.in_channels = in_channels
@@ -93,6 +103,7 @@ class TinyGlass(TrainableHead):
         self.radius = radius
         self.radius_quantile = radius_quantile
         self.use_foreground = use_foreground
+        self.hard_mining = hard_mining
         self.seed = seed
         self.adaptor: nn.Module | None = None
         self.discriminator: nn.Module | None = None
@@ -102,7 +113,7 @@ class TinyGlass(TrainableHead):
     def hyperparameters(self) -> dict[str, Any]:
         names = (
             "in_channels hidden epochs views batch_size patches_per_image lr_adaptor lr_discriminator gas "
-            "noise_std gas_steps gas_step_size radius radius_quantile use_foreground seed"
+            "noise_std gas_steps gas_step_size radius radius_quantile use_foreground hard_mining seed"
         ).split()
         return {name: getattr(self, name) for name in names}
 
@@ -137,18 +148,25 @@ class TinyGlass(TrainableHead):
     # ---- training -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _cache_views(self, pipeline: Pipeline, samples: list[Sample], progress: bool):
-        """Backbone features of augmented views of each image and of their LAS versions, plus masks."""
+    def _synthesise(
+        self,
+        pipeline: Pipeline,
+        images: list[np.ndarray],
+        views: int,
+        rng: np.random.Generator,
+        augment: bool,
+        progress: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backbone features of ``views`` views of each image and of their LAS versions, plus masks.
+
+        View 0 is the image itself; later views are augmented when ``augment`` is set. The LAS textures
+        come from procedural generators and crops of up to three other images of the same set.
+        """
         from edgead.data.anomaly_synthesis import local_anomaly
         from edgead.data.augment import augment_image
 
-        rng = np.random.default_rng(self.seed)
-        size = pipeline.image_size
-        images = [
-            resize_image(load_rgb(s.path), size) for s in progress_bar(samples, "load images", progress)
-        ]
         normal, synthetic, masks = [], [], []
-        jobs = [(v, i) for v in range(self.views) for i in range(len(images))]
+        jobs = [(v, i) for v in range(views) for i in range(len(images))]
         batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
         def flush() -> None:
@@ -160,8 +178,10 @@ class TinyGlass(TrainableHead):
             batch.clear()
 
         for view, index in progress_bar(jobs, "synthesise + features", progress):
-            image = images[index] if view == 0 else augment_image(images[index], rng)
-            sources = [images[j] for j in rng.choice(len(images), size=min(3, len(images)), replace=False)]
+            image = augment_image(images[index], rng) if augment and view > 0 else images[index]
+            others = [j for j in range(len(images)) if j != index] or [index]
+            picks = rng.choice(len(others), size=min(3, len(others)), replace=False)
+            sources = [images[others[j]] for j in picks]
             anomalous, mask = local_anomaly(image, rng, sources=sources, use_foreground=self.use_foreground)
             batch.append((image, anomalous, mask))
             if len(batch) == 16:
@@ -169,6 +189,40 @@ class TinyGlass(TrainableHead):
         if batch:
             flush()
         return torch.cat(normal), torch.cat(synthetic), torch.cat(masks)
+
+    def _load_images(self, pipeline: Pipeline, samples: list[Sample], progress: bool) -> list[np.ndarray]:
+        size = pipeline.image_size
+        return [resize_image(load_rgb(s.path), size) for s in progress_bar(samples, "load images", progress)]
+
+    def _cache_views(self, pipeline: Pipeline, samples: list[Sample], progress: bool):
+        """Training cache: ``views`` augmented views of each training image and their LAS versions."""
+        images = self._load_images(pipeline, samples, progress)
+        rng = np.random.default_rng(self.seed)
+        return self._synthesise(pipeline, images, self.views, rng, augment=True, progress=progress)
+
+    def _selection_set(self, pipeline: Pipeline, samples: list[Sample], progress: bool):
+        """Selection cache: each validation image as is, and two LAS versions of it (fixed seed)."""
+        images = self._load_images(pipeline, samples, progress)
+        rng = np.random.default_rng(self.seed + 1)
+        normal, synthetic, masks = self._synthesise(pipeline, images, 2, rng, augment=False, progress=False)
+        return normal[: len(images)], synthetic, masks
+
+    @torch.no_grad()
+    def selection_score(
+        self, normal: torch.Tensor, synthetic: torch.Tensor, masks: torch.Tensor, postprocess: nn.Module
+    ) -> float:
+        """Mean of image AUROC (normal vs LAS images) and patch AUROC (LAS masks) on held-out images."""
+        was_training = self.training
+        self.eval()
+        normal_maps, synthetic_maps = self(normal), self(synthetic)
+        self.train(was_training)
+        image_scores = torch.cat([postprocess(normal_maps), postprocess(synthetic_maps)]).amax(dim=(1, 2, 3))
+        image_labels = np.r_[np.zeros(len(normal)), np.ones(len(synthetic))]
+        patch_scores = torch.cat([normal_maps.flatten(), synthetic_maps.flatten()])
+        patch_labels = torch.cat([torch.zeros(normal_maps.numel()), (masks > 0.5).float().flatten()])
+        image = image_auroc(image_labels, image_scores.numpy())
+        patch = image_auroc(patch_labels.numpy(), patch_scores.numpy())
+        return (image + patch) / 2
 
     def _global_anomalies(
         self, true: torch.Tensor, centre: torch.Tensor, radius_t: torch.Tensor
@@ -188,23 +242,44 @@ class TinyGlass(TrainableHead):
                 offset = projected - true.detach()
         return true + offset.detach()  # gradients still reach the adaptor through ``true``
 
-    def fit_samples(self, pipeline: Pipeline, samples: list[Sample], progress: bool = False) -> TinyGlass:
+    def fit_samples(
+        self,
+        pipeline: Pipeline,
+        samples: list[Sample],
+        progress: bool = False,
+        validation: list[Sample] | None = None,
+    ) -> TinyGlass:
         if len(samples) < 2:
             raise ValueError("TinyGLASS needs at least 2 training images")
         normal, synthetic, masks = self._cache_views(pipeline, samples, progress)
+        selection = self._selection_set(pipeline, validation, progress) if validation else None
         self.attach(normal.shape[1])
         mean = normal.mean(dim=(0, 2, 3), keepdim=True)
         std = normal.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
         self.set_fitted(feature_mean_=mean, feature_std_=std)
+        self.train_cached(normal, synthetic, masks, selection, pipeline.postprocess, progress)
+        return self
 
+    def train_cached(
+        self,
+        normal: torch.Tensor,
+        synthetic: torch.Tensor,
+        masks: torch.Tensor,
+        selection: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        postprocess: nn.Module,
+        progress: bool = False,
+    ) -> None:
+        """The epochs on cached features; keeps the weights of the best selection epoch, if any."""
         generator = torch.Generator().manual_seed(self.seed)
         optimisers = [
             torch.optim.AdamW(self.adaptor.parameters(), lr=self.lr_adaptor),
             torch.optim.AdamW(self.discriminator.parameters(), lr=self.lr_discriminator),
         ]
         self.history_: list[dict[str, float]] = []
+        self.selected_epoch_ = self.epochs
+        best_score, best_state = -np.inf, None
         self.train()
-        for _ in progress_bar(range(self.epochs), "train tinyglass", progress):
+        for epoch in progress_bar(range(1, self.epochs + 1), "train tinyglass", progress):
             with torch.no_grad():  # the hypersphere centre and radius of the adapted normal features
                 sample = self.adapt(normal[torch.randperm(len(normal), generator=generator)[:64]])
                 centre = sample.mean(dim=(0, 2, 3), keepdim=True)
@@ -218,9 +293,16 @@ class TinyGlass(TrainableHead):
                         normal[index], synthetic[index], masks[index], centre, radius_t, optimisers, generator
                     )
                 )
-            self.history_.append({"loss": float(np.mean(losses))})
+            record = {"epoch": epoch, "loss": float(np.mean(losses))}
+            if selection is not None:
+                record["selection"] = self.selection_score(*selection, postprocess)
+                if record["selection"] >= best_score:  # ties go to the later, longer-trained epoch
+                    best_score, best_state = record["selection"], copy.deepcopy(self.state_dict())
+                    self.selected_epoch_ = epoch
+            self.history_.append(record)
+        if best_state is not None:
+            self.load_state_dict(best_state)
         self.eval()
-        return self
 
     def _step(self, normal, synthetic, masks, centre, radius_t, optimisers, generator) -> float:
         n, c, h, w = normal.shape
@@ -238,7 +320,12 @@ class TinyGlass(TrainableHead):
         if self.gas == "hypersphere":  # push LAS anomalies out to [2r, 4r] from the centre, as GLASS does
             pushed = project_to_band(fake, centre.expand_as(fake), 2 * radius_t, 4 * radius_t)
             fake = torch.where(masks > 0.5, pushed, fake)
-        loss = bce + focal_loss(self.discriminator(fake), masks)
+        fake_scores, fake_targets = self.discriminator(fake).flatten(), masks.flatten()
+        if self.hard_mining > 0:  # GLASS's p: only the hardest share of LAS patches enters the focal loss
+            error = (fake_scores.detach() - fake_targets) ** 2
+            hard = error >= torch.quantile(error, self.hard_mining)
+            fake_scores, fake_targets = fake_scores[hard], fake_targets[hard]
+        loss = bce + focal_loss(fake_scores, fake_targets)
         for optimiser in optimisers:
             optimiser.zero_grad()
         loss.backward()

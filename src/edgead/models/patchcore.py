@@ -123,13 +123,29 @@ class PatchCore(Head):
     def on_fitted(self) -> None:
         self._index = NearestNeighbourIndex(self.memory_bank_)
 
+    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest bank entry of each query: faiss when running, a matrix product while exporting.
+
+        The exported form (|q|^2 - 2 q.m + |m|^2, then min) keeps the bank inside the ONNX graph as a
+        constant and gives the same neighbours as the exact faiss search. Both sides are centred on the
+        bank's mean first: smaller norms, less float32 cancellation in the small distances.
+        """
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            centre = self.memory_bank_.mean(dim=0, keepdim=True)
+            bank, queries = self.memory_bank_ - centre, queries - centre
+            squared = (queries * queries).sum(1, keepdim=True) - 2 * queries @ bank.T + (bank * bank).sum(1)
+            best, idx = squared.min(dim=1)
+            return best.clamp_min(0).sqrt(), idx
+        if self._index is None:
+            self.on_fitted()
+        dist, idx = self._index.search(queries, 1)
+        return dist[:, 0], idx[:, 0]
+
     def _nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to, and index of, each patch's nearest bank entry, both [N, h, w]."""
         self.check_fitted()
-        if self._index is None:
-            self.on_fitted()
         n, _, h, w = features.shape
-        dist, idx = self._index.search(self.to_patches(features), 1)
+        dist, idx = self._search(self.to_patches(features))
         return dist.view(n, h, w), idx.view(n, h, w)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -147,9 +163,10 @@ class PatchCore(Head):
         flat_scores = patch_scores.view(n, -1)
         best = flat_scores.argmax(dim=1)
         s_star = flat_scores.gather(1, best[:, None]).squeeze(1)
-        test_patch = self.to_patches(features).view(n, h * w, c)[torch.arange(n), best]  # [N, C]
-        _, idx = self._index.search(test_patch, 1)
-        support = self.bank_neighbours_[idx[:, 0]]  # [N, k], m* first
+        patches = self.to_patches(features).view(n, h * w, c)
+        test_patch = patches.gather(1, best.view(n, 1, 1).expand(n, 1, c)).squeeze(1)  # [N, C]
+        _, idx = self._search(test_patch)
+        support = self.bank_neighbours_[idx]  # [N, k], m* first
         dists = torch.linalg.vector_norm(self.memory_bank_[support] - test_patch[:, None, :], dim=2)
         weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return weights * s_star

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export, INT8 quantization, runtimes, device budgets, pruning, IMX500."""

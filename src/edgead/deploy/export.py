@@ -1,0 +1,74 @@
+"""`edgead export`: a run folder -> deployable files, one format at a time.
+
+- ``onnx``: ``model.onnx`` (fp32, parity-checked), and with ``int8`` also ``model.int8.onnx``
+  (ONNX Runtime QDQ);
+- ``openvino``: ``model.onnx`` plus the IR ``model.xml``, and with ``int8`` ``model.int8.xml`` (NNCF);
+- ``imx500``: Sony MCT INT8 + imx500-converter in their own environment (see deploy/imx500.py).
+
+Every file carries the run's threshold and config, so `edgead test`/`predict` run it without the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgead.deploy.onnx_export import config_from_metadata, export_onnx, read_metadata, train_images
+from edgead.errors import EdgeadError
+
+FORMATS = ("onnx", "openvino", "imx500")
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str = "onnx",
+    out_dir: str | Path | None = None,
+    int8: bool = False,
+    calibration: int = 64,
+    calibration_dir: str | Path | None = None,
+    input_dtype: str = "uint8",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export ``run_dir`` to ``out_dir`` (default RUN/export); returns the files written and checks."""
+    if fmt not in FORMATS:
+        raise EdgeadError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "export"
+    if fmt == "imx500":
+        from edgead.deploy.imx500 import export_imx500
+
+        return export_imx500(run_dir, out_dir, calibration, progress=progress)
+    onnx_path = out_dir / "model.onnx"
+    result = export_onnx(run_dir, onnx_path, input_dtype=input_dtype)
+    report: dict[str, Any] = {
+        "files": {"onnx": onnx_path},
+        "parity_max_abs_diff_map": result.max_abs_diff_map,
+        "parity_max_abs_diff_score": result.max_abs_diff_score,
+        "parity_images": result.parity_images,
+    }
+    images = None
+    if int8:
+        config = config_from_metadata(read_metadata(onnx_path), onnx_path)
+        images = train_images(config, calibration, calibration_dir)
+        report["calibration_images"] = len(images)
+    if fmt == "onnx" and images is not None:
+        from edgead.deploy.quantize import quantize_onnxruntime
+
+        report["files"]["onnx_int8"] = quantize_onnxruntime(onnx_path, out_dir / "model.int8.onnx", images)
+    if fmt == "openvino":
+        from edgead.deploy.quantize import convert_openvino, quantize_openvino
+
+        report["files"]["openvino"] = convert_openvino(onnx_path, out_dir / "model.xml")
+        if images is not None:
+            report["files"]["openvino_int8"] = quantize_openvino(onnx_path, out_dir / "model.int8.xml", images)
+    report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
+    return report
+
+
+def file_megabytes(path: str | Path) -> float:
+    """Size on disk; an OpenVINO IR counts its .bin weights too."""
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        size += path.with_suffix(".bin").stat().st_size
+    return size / 1e6

@@ -1,0 +1,207 @@
+"""`edgead export --format onnx`: one static ONNX graph per fitted run.
+
+The graph is the whole pipeline: uint8 (or float 0..1) NCHW RGB images at the run's fixed input size
+-> preprocess -> backbone -> head -> upsample + blur -> (anomaly_map [N, 1, S, S], score [N]).
+Height and width are fixed; only the batch dimension is free, so one file serves batch 1 latency and
+batch 16 throughput.
+
+Memory-bank models keep their bank INSIDE the graph as a constant: PatchCore's nearest-neighbour
+search becomes a matrix product + min (exact, same numbers as faiss), PaDiM's Gaussians are
+constants of a batched matrix product. One self-contained file is what runtimes, quantizers and the
+edge device should receive; at the 2% coreset the bank is a few MB, well under ONNX's 2 GB limit.
+
+The run's threshold, normalisation, input format, model name and edgead version go into the ONNX
+metadata (``edgead_config`` holds the full run config as JSON), so an exported file can be tested
+and used for decisions without its run folder. A parity check against the torch pipeline runs on
+every export and fails the export above a tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgead import __version__
+from edgead.errors import EdgeadError
+from edgead.models import Pipeline
+from edgead.runs import RunConfig, load_run
+
+OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("anomaly_map", "score")
+CONFIG_KEY = "edgead_config"
+IR_METADATA_KEY = "edgead_metadata"  # where an OpenVINO IR keeps the same metadata (rt_info, as JSON)
+
+
+class ExportGraph(nn.Module):
+    """The pipeline behind the exported file: images in, (anomaly map, image score) out."""
+
+    def __init__(self, pipeline: Pipeline, input_dtype: str = "uint8") -> None:
+        super().__init__()
+        if input_dtype not in ("uint8", "float32"):
+            raise EdgeadError(f"input dtype must be uint8 or float32, not {input_dtype!r}")
+        self.pipeline = pipeline.eval()
+        self.input_dtype = input_dtype
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float() / 255.0 if self.input_dtype == "uint8" else images
+        return self.pipeline.score_features(self.pipeline.features(x))
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size_bytes: int
+    max_abs_diff_map: float
+    max_abs_diff_score: float
+    parity_images: int
+
+
+def metadata_for(config: RunConfig, input_dtype: str, run_dir: Path) -> dict[str, str]:
+    """The ONNX metadata: the decision rule and input format a runtime needs, plus the full config."""
+    return {
+        "source_run": str(run_dir.resolve()),
+        "edgead_version": __version__,
+        "model": config.model,
+        "backbone": config.backbone,
+        "input_size": str(config.image_size),
+        "input_format": f"{input_dtype} NCHW RGB, {'0..255' if input_dtype == 'uint8' else '0..1'}",
+        "threshold": repr(config.threshold),
+        "score_min": repr(config.score_min),
+        "score_max": repr(config.score_max),
+        "normalisation": "normalized = (score - score_min) / (score_max - score_min), 0.5 at the threshold",
+        CONFIG_KEY: json.dumps(config.to_json()),
+    }
+
+
+def train_images(config: RunConfig, count: int, folder: str | Path | None = None) -> np.ndarray:
+    """Up to ``count`` normal images (uint8 NHWC, at the run's size), spread evenly over the folder.
+
+    ``folder`` defaults to the train/good images of the dataset the run was fitted on.
+    """
+    from edgead.data.datasets import open_dataset
+    from edgead.data.images import list_images, load_rgb, resize_image
+
+    if count < 1:
+        raise EdgeadError(f"need at least one image, asked for {count}")
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise EdgeadError(f"image folder {folder} does not exist")
+        paths = list_images(Path(folder))
+    else:
+        dataset = config.extra.get("dataset")
+        if not dataset or not Path(dataset).is_dir():
+            raise EdgeadError(
+                f"the run's dataset ({dataset}) is not on this machine: pass a folder of normal images"
+            )
+        paths = [s.path for s in open_dataset(dataset).train]
+    if not paths:
+        raise EdgeadError(f"no images found in {folder or config.extra.get('dataset')}")
+    step = max(1, len(paths) // count)
+    return np.stack([resize_image(load_rgb(p), config.image_size) for p in paths[::step][:count]])
+
+
+def parity_images(config: RunConfig, count: int) -> np.ndarray:
+    """Real training images where the dataset is present, else seeded random ones (for the parity check)."""
+    try:
+        return train_images(config, count)
+    except EdgeadError:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, 256, (count, config.image_size, config.image_size, 3), dtype=np.uint8)
+
+
+def to_input(images: np.ndarray, input_dtype: str) -> np.ndarray:
+    """uint8 NHWC images -> the exported graph's input array."""
+    nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return nchw if input_dtype == "uint8" else (nchw.astype(np.float32) / 255.0)
+
+
+def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name, model.producer_version = "edgead", __version__
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def export_onnx(
+    run_dir: str | Path,
+    out_path: str | Path,
+    input_dtype: str = "uint8",
+    n_parity: int = 4,
+    tolerance: float = 5e-3,
+) -> ExportResult:
+    """Export a run folder to one ONNX file and check it against torch on real images.
+
+    ``tolerance`` is relative: max |onnx - torch| / max(1, max |torch|) over maps and scores.
+    """
+    import onnxruntime as ort
+
+    pipeline, config = load_run(run_dir)
+    out_path = Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise EdgeadError(f"the ONNX file name must end in .onnx, got {out_path}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    graph = ExportGraph(pipeline, input_dtype).eval()
+    images = parity_images(config, max(n_parity, 1))
+    example = torch.from_numpy(to_input(images[:1], input_dtype))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    write_metadata(out_path, metadata_for(config, input_dtype, Path(run_dir)))
+
+    inputs = to_input(images, input_dtype)
+    with torch.no_grad():
+        ref_map, ref_score = (t.numpy() for t in graph(torch.from_numpy(inputs)))
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    got_map, got_score = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
+    diff_map = float(np.abs(got_map - ref_map).max())
+    diff_score = float(np.abs(got_score - ref_score).max())
+    scale = max(1.0, float(np.abs(ref_map).max()), float(np.abs(ref_score).max()))
+    if max(diff_map, diff_score) > tolerance * scale:
+        raise EdgeadError(
+            f"ONNX parity check failed: max |onnx - torch| = {max(diff_map, diff_score):.3g} "
+            f"(> {tolerance:g} x {scale:.3g}); the file {out_path} is not trustworthy"
+        )
+    return ExportResult(out_path, out_path.stat().st_size, diff_map, diff_score, len(images))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an edgead ONNX file; a clear error for anything else."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeadError(f"model file {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for a damaged file
+        raise EdgeadError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    metadata = {p.key: p.value for p in model.metadata_props}
+    if CONFIG_KEY not in metadata:
+        raise EdgeadError(f"{path} is an ONNX file but was not exported by edgead (no {CONFIG_KEY} metadata)")
+    return metadata
+
+
+def config_from_metadata(metadata: dict[str, str], source: Path) -> RunConfig:
+    return RunConfig.from_json(json.loads(metadata[CONFIG_KEY]), source)

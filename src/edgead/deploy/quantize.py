@@ -1,0 +1,126 @@
+"""INT8 post-training static quantization of an exported edgead ONNX file.
+
+Calibration images are normal images (train/good of the run's dataset by default): PTQ only needs
+activation ranges, and normal images are what a user has.
+
+- ONNX Runtime: QDQ format, uint8 activations, int8 per-channel weights (ONNX Runtime's x86 kernels
+  are fastest with unsigned activations), MinMax calibration. Only convolutions are quantized.
+- OpenVINO + NNCF: ``nncf.quantize`` on the OpenVINO model, saved as an IR (.xml + .bin).
+
+What runs in INT8 is the backbone, where the compute is (about 85% of TinyGLASS's MACs). The head and
+the postprocess stay in float:
+- calibration sees normal images only, so the ranges of the head's outputs (patch scores, distances)
+  end at the normal maximum and every anomaly would be clipped to the same value;
+- PatchCore's |q|^2 - 2 q.m + |m|^2 would lose the small distances that matter to 8-bit rounding;
+- the blur costs little.
+Measured on TinyGLASS/bottle: quantizing the head as well cost 2-4 image-AUROC points; the backbone
+alone about 1 (docs/results/deployment.md). ReLU6 (Clip) is quantized with its convolution so that the
+conv's INT8 range is the activation's [0, 6], not the pre-activation range (a 3x larger step otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgead.deploy.onnx_export import INPUT_NAME, IR_METADATA_KEY, read_metadata, to_input, write_metadata
+from edgead.errors import EdgeadError
+
+KEEP_FLOAT = ("/head/", "/postprocess/")  # node-name parts of the ops that stay in float
+
+
+def _input_dtype(metadata: dict[str, str]) -> str:
+    return "uint8" if metadata.get("input_format", "").startswith("uint8") else "float32"
+
+
+def _check_calibration(images: np.ndarray) -> None:
+    if images is None or len(images) == 0:
+        raise EdgeadError("calibration needs at least one image, got none")
+
+
+def quantize_onnxruntime(
+    model_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    keep_float: tuple[str, ...] = KEEP_FLOAT,
+) -> Path:
+    """INT8 QDQ model for ONNX Runtime; ``calibration`` is uint8 NHWC normal images.
+
+    Nodes whose name contains one of ``keep_float`` stay in float.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _check_calibration(calibration)
+    metadata = read_metadata(model_path)
+    inputs = to_input(calibration, _input_dtype(metadata))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(inputs[i : i + 1] for i in range(len(inputs)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            item = next(self.items, None)
+            return None if item is None else {INPUT_NAME: item}
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
+        nodes = onnx.load(str(prepared)).graph.node
+        excluded = [n.name for n in nodes if any(part in n.name for part in keep_float)]
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["Conv", "Clip", "Relu"],  # activations fold into the conv ranges
+            nodes_to_exclude=excluded,
+        )
+    metadata["quantization"] = f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images"
+    write_metadata(out_path, metadata)
+    return out_path
+
+
+def quantize_openvino(model_path: str | Path, out_path: str | Path, calibration: np.ndarray) -> Path:
+    """INT8 OpenVINO IR via NNCF; ``out_path`` ends in .xml (the weights go next to it as .bin)."""
+    import nncf
+    import openvino as ov
+
+    _check_calibration(calibration)
+    out_path = Path(out_path)
+    if out_path.suffix != ".xml":
+        raise EdgeadError(f"an OpenVINO IR file name ends in .xml, got {out_path}")
+    metadata = read_metadata(model_path)
+    inputs = to_input(calibration, _input_dtype(metadata))
+    model = ov.Core().read_model(str(model_path))
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset([inputs[i : i + 1] for i in range(len(inputs))]),
+        subset_size=len(inputs),
+        ignored_scope=nncf.IgnoredScope(patterns=[f".*{part}.*" for part in KEEP_FLOAT], validate=False),
+    )
+    metadata["quantization"] = f"int8 openvino nncf, {len(inputs)} images"
+    quantized.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(out_path), compress_to_fp16=False)
+    return out_path
+
+
+def convert_openvino(model_path: str | Path, out_path: str | Path) -> Path:
+    """The fp32 OpenVINO IR of an edgead ONNX file, metadata included."""
+    import openvino as ov
+
+    metadata = read_metadata(model_path)
+    model = ov.Core().read_model(str(model_path))
+    model.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
+    ov.save_model(model, str(out_path), compress_to_fp16=False)
+    return Path(out_path)

@@ -1,0 +1,128 @@
+"""Export to ONNX, the runtimes that run it, and INT8 quantization, on small synthetic runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_cli import assert_clean_error, edgead
+
+from edgead.deploy.export import export_run
+from edgead.deploy.onnx_export import export_onnx, read_metadata, train_images
+from edgead.deploy.quantize import quantize_onnxruntime
+from edgead.deploy.runtimes import load_inferencer
+from edgead.errors import EdgeadError
+from edgead.evaluation import evaluate_run
+from edgead.runs import load_run
+
+
+@pytest.fixture(scope="module")
+def tinyglass_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgead.training import fit_run
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tinyglass"
+    fit_run(
+        synthetic_dataset,
+        run_dir,
+        model="tinyglass",
+        image_size=128,
+        progress=False,
+        hyperparameters={"epochs": 4, "views": 2},
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(fitted_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "patchcore.onnx"
+    export_onnx(fitted_run, path)
+    return path
+
+
+def test_onnx_file_is_self_contained_and_carries_the_decision_rule(fitted_run: Path, exported: Path):
+    _, config = load_run(fitted_run)
+    metadata = read_metadata(exported)
+    assert float(metadata["threshold"]) == config.threshold
+    assert metadata["model"] == "patchcore" and metadata["input_size"] == "128"
+    model = onnx.load(str(exported))
+    assert model.opset_import[0].version == 17
+    # The memory bank is a constant inside the graph, not a side file.
+    bank_shape = tuple(load_run(fitted_run)[0].head.memory_bank_.shape)
+    assert any(tuple(init.dims) == bank_shape for init in model.graph.initializer)
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 128, 128]
+
+
+def test_runtimes_give_the_same_decisions_as_torch(fitted_run: Path, exported: Path, synthetic_dataset: Path):
+    torch_metrics = evaluate_run(fitted_run, out_dir=exported.parent / "t", progress=False)
+    for runtime in ("onnxruntime", "openvino"):
+        inferencer = load_inferencer(exported, runtime)
+        assert inferencer.runtime == runtime
+        metrics = evaluate_run(exported, out_dir=exported.parent / runtime, runtime=runtime, progress=False)
+        assert metrics["image_auroc"] == pytest.approx(torch_metrics["image_auroc"], abs=1e-6)
+        assert metrics["precision"] == torch_metrics["precision"]
+        assert metrics["recall"] == torch_metrics["recall"]
+
+
+def test_wrong_input_size_and_bad_files_are_clear_errors(exported: Path, fitted_run: Path, tmp_path: Path):
+    inferencer = load_inferencer(exported)
+    with pytest.raises(EdgeadError, match="takes 128x128"):
+        inferencer.predict(torch.rand(1, 3, 96, 96))
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(exported.read_bytes()[:5000])
+    with pytest.raises(EdgeadError, match="not a readable ONNX file"):
+        load_inferencer(corrupt)
+    foreign = tmp_path / "foreign.onnx"
+    model = onnx.load(str(exported))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    with pytest.raises(EdgeadError, match="not exported by edgead"):
+        load_inferencer(foreign)
+    with pytest.raises(EdgeadError, match="export it first"):
+        load_inferencer(fitted_run, "onnxruntime")
+    assert_clean_error(edgead("test", corrupt), "not a readable ONNX file")
+
+
+def test_exporting_something_that_is_not_a_fitted_run_fails(fitted_run: Path, tmp_path: Path):
+    unfitted = tmp_path / "unfitted"
+    unfitted.mkdir()
+    shutil.copy(fitted_run / "config.json", unfitted / "config.json")  # config but no weights
+    assert_clean_error(edgead("export", unfitted), "fit did not finish")
+    assert_clean_error(edgead("export", tmp_path / "missing"), "missing")
+
+
+def test_calibration_needs_images(fitted_run: Path, exported: Path, tmp_path: Path):
+    _, config = load_run(fitted_run)
+    with pytest.raises(EdgeadError, match="at least one image"):
+        train_images(config, 0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EdgeadError, match="no images found"):
+        train_images(config, 8, folder=empty)
+    with pytest.raises(EdgeadError, match="at least one image"):
+        quantize_onnxruntime(exported, tmp_path / "q.onnx", np.zeros((0, 128, 128, 3), np.uint8))
+
+
+def test_tinyglass_int8_onnxruntime_and_openvino(tinyglass_run: Path, tmp_path: Path):
+    onnx_report = export_run(tinyglass_run, "onnx", tmp_path, int8=True, calibration=16)
+    ov_report = export_run(tinyglass_run, "openvino", tmp_path, int8=True, calibration=16)
+    assert onnx_report["parity_max_abs_diff_score"] < 1e-3
+    int8_file = onnx_report["files"]["onnx_int8"]
+    assert onnx_report["sizes_mb"]["onnx_int8"] < 0.6 * onnx_report["sizes_mb"]["onnx"]
+    quantized_ops = {node.op_type for node in onnx.load(str(int8_file)).graph.node}
+    assert "QuantizeLinear" in quantized_ops
+    reference = load_inferencer(tinyglass_run)
+    images = torch.from_numpy(train_images(reference.config, 8)).permute(0, 3, 1, 2).float() / 255
+    for path, runtime in ((int8_file, "onnxruntime"), (ov_report["files"]["openvino_int8"], "openvino")):
+        metrics = evaluate_run(path, out_dir=tmp_path / runtime, runtime=runtime, progress=False)
+        assert metrics["quantization"].startswith("int8")
+        assert "image_auroc_change" in metrics  # compared with the fp32 run folder
+        # INT8 maps follow the fp32 maps (the accuracy change at full size is in docs/results/deployment.md).
+        int8_maps = load_inferencer(path, runtime).predict(images)[0].flatten()
+        fp32_maps = reference.predict(images)[0].flatten()
+        correlation = np.corrcoef(int8_maps.numpy(), fp32_maps.numpy())[0, 1]
+        assert correlation > 0.75
