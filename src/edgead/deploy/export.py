@@ -37,7 +37,16 @@ def export_run(
     if fmt == "imx500":
         from edgead.deploy.imx500 import export_imx500
 
-        return export_imx500(run_dir, out_dir, calibration, progress=progress)
+        summary = export_imx500(run_dir, out_dir, calibration, progress=progress)
+        memory = summary["memory"]
+        return {
+            "files": {name: out_dir / name for name in summary["files"]},
+            "sizes_mb": {name: size / 1e6 for name, size in summary["files"].items()},
+            "imx500_memory": f"model {memory['model_memory']} + runtime {memory['runtime_memory']} = "
+            f"{memory['memory_usage']} of {memory['memory_available']} ({memory['utilization']})",
+            "fits_imx500": summary["fits"],
+            "summary": out_dir / "imx500_summary.json",
+        }
     onnx_path = out_dir / "model.onnx"
     result = export_onnx(run_dir, onnx_path, input_dtype=input_dtype)
     report: dict[str, Any] = {

@@ -4,18 +4,19 @@ Calibration images are normal images (train/good of the run's dataset by default
 activation ranges, and normal images are what a user has.
 
 - ONNX Runtime: QDQ format, uint8 activations, int8 per-channel weights (ONNX Runtime's x86 kernels
-  are fastest with unsigned activations), MinMax calibration. Only convolutions are quantized.
+  are fastest with unsigned activations), MinMax calibration; convolutions (with their ReLU6) are quantized.
 - OpenVINO + NNCF: ``nncf.quantize`` on the OpenVINO model, saved as an IR (.xml + .bin).
 
-What runs in INT8 is the backbone, where the compute is (about 85% of TinyGLASS's MACs). The head and
-the postprocess stay in float:
-- calibration sees normal images only, so the ranges of the head's outputs (patch scores, distances)
-  end at the normal maximum and every anomaly would be clipped to the same value;
-- PatchCore's |q|^2 - 2 q.m + |m|^2 would lose the small distances that matter to 8-bit rounding;
-- the blur costs little.
-Measured on TinyGLASS/bottle: quantizing the head as well cost 2-4 image-AUROC points; the backbone
-alone about 1 (docs/results/deployment.md). ReLU6 (Clip) is quantized with its convolution so that the
-conv's INT8 range is the activation's [0, 6], not the pre-activation range (a 3x larger step otherwise).
+What runs in INT8 is the backbone after its first stage, where most of the compute is. Kept in float:
+- the head and the postprocess: calibration sees normal images only, so the ranges of the head's outputs
+  (patch scores, distances) would end at the normal maximum and clip every anomaly to the same value;
+  PatchCore's |q|^2 - 2 q.m + |m|^2 would also lose the small distances to 8-bit rounding;
+- the backbone's first stage (stem + first block, 9% of EfficientNet-Lite0's MACs at 256x256): its outputs have
+  the widest per-tensor ranges, and its rounding error propagates through every later layer (the
+  usual first-layer exception of INT8 deployments);
+ReLU6 (Clip) is quantized together with its convolution, so that the conv's INT8 range is the
+activation's [0, 6], not the pre-activation range (a ~5x coarser step otherwise).
+docs/results/deployment.md has the accuracy of each choice.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from edgead.deploy.onnx_export import INPUT_NAME, IR_METADATA_KEY, read_metadata, to_input, write_metadata
 from edgead.errors import EdgeadError
 
-KEEP_FLOAT = ("/head/", "/postprocess/")  # node-name parts of the ops that stay in float
+KEEP_FLOAT = ("/head/", "/postprocess/", "/backbone/stages.0/")  # node-name parts of ops kept in float
 
 
 def _input_dtype(metadata: dict[str, str]) -> str:
