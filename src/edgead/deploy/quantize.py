@@ -109,11 +109,25 @@ def quantize_openvino(model_path: str | Path, out_path: str | Path, calibration:
         subset_size=len(inputs),
         ignored_scope=nncf.IgnoredScope(patterns=[f".*{part}.*" for part in KEEP_FLOAT], validate=False),
     )
+    _drop_quantizers_in(quantized, ("/head/", "/postprocess/"))
     metadata["quantization"] = f"int8 openvino nncf, {len(inputs)} images"
     quantized.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(out_path), compress_to_fp16=False)
     return out_path
+
+
+def _drop_quantizers_in(model, scopes: tuple[str, ...]) -> None:
+    """Remove FakeQuantize nodes that NNCF placed on outputs inside ``scopes``.
+
+    NNCF skips the ignored ops themselves but can still quantize a tensor between two of them (seen:
+    the blurred anomaly map between the two blur convolutions), which clips anomaly scores to the
+    normal calibration range.
+    """
+    for op in model.get_ops():
+        if op.get_type_name() == "FakeQuantize" and any(s in op.get_friendly_name() for s in scopes):
+            op.output(0).replace(op.input_value(0))
+    model.validate_nodes_and_infer_types()
 
 
 def convert_openvino(model_path: str | Path, out_path: str | Path) -> Path:
