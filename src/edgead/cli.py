@@ -275,6 +275,35 @@ def export(
             typer.echo(f"{key}: {value}")
 
 
+@app.command()
+def budget(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit` or `edgead prune`.")],
+    device: Annotated[
+        list[str] | None, typer.Option(help="imx500, rpi5, jetson-nano or coral (repeatable; default: all).")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size (default: the run's).")] = None,
+) -> None:
+    """Does the model fit the device? INT8 weights + data + peak activations vs memory; latency/energy estimates."""
+    from edgead.deploy.budget import budget_run, format_budget, list_devices
+
+    for name in device or list_devices():
+        typer.echo(format_budget(budget_run(run, name, image_size=image_size)))
+
+
+@app.command()
+def prune(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
+    ratio: Annotated[float, typer.Option(help="Share of channels to remove, in (0, 1).")] = 0.5,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="New run folder (default: RUN_pruned).")] = None,
+) -> None:
+    """Structured channel pruning of the backbone's last stages and the head, then refit the head."""
+    from edgead.deploy.prune import prune_run
+
+    out = out or run.with_name(f"{run.name}_pruned{int(round(ratio * 100))}")
+    _, config = prune_run(run, out, ratio)
+    typer.echo(f"pruned {run} by {ratio:.0%}: run saved to {out}; {config.extra.get('pruning', '')}")
+
+
 experiment_app = typer.Typer(
     help="Experiments: fit and test many runs to answer one question; each writes a report.",
     no_args_is_help=True,

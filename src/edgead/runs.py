@@ -15,8 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgead import __version__
+from edgead.backbones import create_backbone
 from edgead.errors import EdgeadError, RunFolderError
-from edgead.models import HEADS, Pipeline, create_pipeline
+from edgead.models import HEADS, Pipeline, create_head, create_pipeline
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -64,8 +65,18 @@ class RunConfig:
 
 
 def build_from_config(config: RunConfig) -> Pipeline:
-    """An unfitted pipeline of the run's architecture; weights come from the run folder, not a package."""
+    """An unfitted pipeline of the run's architecture; weights come from the run folder, not a package.
+
+    A channel-pruned run (``edgead.deploy.prune``) records its backbone's pruned widths in
+    ``extra["pruned_channels"]["backbone"]`` (block index -> expanded channels), and its head's in the
+    head hyperparameters, so the pruned shapes are rebuilt before the weights are loaded.
+    """
     layers = tuple(config.layers) if config.layers is not None else None
+    expanded = (config.extra.get("pruned_channels") or {}).get("backbone")
+    if expanded:
+        backbone = create_backbone(config.backbone, layers=layers, pretrained=False, expanded_channels=expanded)
+        head = create_head(config.model, **config.head)
+        return Pipeline(backbone, head, image_size=config.image_size, blur_sigma=config.blur_sigma)
     return create_pipeline(
         config.model,
         backbone=config.backbone,

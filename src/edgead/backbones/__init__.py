@@ -9,7 +9,8 @@ Names are strings shared by the CLI, configs and tests; ``layers`` are stage ind
 strides [2 or 4, 4, 8, 16, 32], and the default is the stride-8 and stride-16 pair.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from torch import nn
@@ -23,16 +24,20 @@ from edgead.backbones.weights import WEIGHTS, WeightsSpec, load_pretrained_state
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 # name -> builder of the random-init architecture
-_ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "efficientnet_lite0": lambda: efficientnet_lite("efficientnet_lite0"),
-    "efficientnet_lite1": lambda: efficientnet_lite("efficientnet_lite1"),
-    "efficientnet_lite2": lambda: efficientnet_lite("efficientnet_lite2"),
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "efficientnet_lite0": partial(efficientnet_lite, "efficientnet_lite0"),
+    "efficientnet_lite1": partial(efficientnet_lite, "efficientnet_lite1"),
+    "efficientnet_lite2": partial(efficientnet_lite, "efficientnet_lite2"),
     "mobilenet_v2": mobilenet_v2,
     "resnet18": resnet18,
     "wide_resnet50_2": wide_resnet50_2,
 }
 
 BACKBONES: tuple[str, ...] = tuple(_ARCHITECTURES)
+
+# Backbones that can be built with fewer expanded channels in their MBConv blocks (channel pruning,
+# see edgead.deploy.prune): their builders accept ``expanded_channels``.
+PRUNABLE_BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 # Stage indices used when ``layers`` is not given: the stride-8 and stride-16 stages everywhere.
 DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {name: (2, 3) for name in BACKBONES}
@@ -43,11 +48,21 @@ def list_backbones() -> list[str]:
     return list(BACKBONES)
 
 
-def build_architecture(name: str) -> nn.Module:
-    """The full (uncut) architecture for ``name``, randomly initialised."""
+def build_architecture(name: str, expanded_channels: Mapping[int | str, int] | None = None) -> nn.Module:
+    """The full (uncut) architecture for ``name``, randomly initialised.
+
+    ``expanded_channels`` (block index -> channels) builds a channel-pruned EfficientNet-Lite.
+    """
     if name not in _ARCHITECTURES:
         raise BackboneError(f"Unknown backbone {name!r}. Valid names: {', '.join(BACKBONES)}.")
-    arch = _ARCHITECTURES[name]()
+    if expanded_channels:
+        if name not in PRUNABLE_BACKBONES:
+            raise BackboneError(
+                f"backbone {name!r} cannot be channel-pruned; prunable backbones: {', '.join(PRUNABLE_BACKBONES)}."
+            )
+        arch = _ARCHITECTURES[name](expanded_channels=expanded_channels)
+    else:
+        arch = _ARCHITECTURES[name]()
     arch.name = name
     return arch
 
@@ -58,6 +73,7 @@ def create_backbone(
     pretrained: bool = True,
     weights_path: str | Path | None = None,
     local_aggregation: int = 3,
+    expanded_channels: Mapping[int | str, int] | None = None,
 ) -> FeatureExtractor:
     """Build a frozen feature extractor.
 
@@ -69,13 +85,19 @@ def create_backbone(
         weights_path: a local weights file; overrides the packaged one and is loaded even with
             ``pretrained=False``. Checked before use (see :mod:`edgead.backbones.weights`).
         local_aggregation: kernel of the stride-1 average pool over each chosen stage (1 = off).
+        expanded_channels: block index -> expanded channels of a channel-pruned EfficientNet-Lite
+            (:mod:`edgead.deploy.prune`); its weights come from a run folder, never from ImageNet files.
 
     Raises:
         BackboneError: unknown name or invalid ``layers`` (an EdgeadError and a ValueError).
         WeightsError: weights requested but unavailable, corrupt or for another architecture.
     """
-    arch = build_architecture(name)
+    arch = build_architecture(name, expanded_channels)
     chosen = check_layers(layers if layers is not None else DEFAULT_LAYERS[name], len(arch.stage_strides))
+    if expanded_channels and (pretrained or weights_path is not None):
+        raise BackboneError(
+            "a channel-pruned backbone has no ImageNet weights: build it with pretrained=False"
+        )
     if pretrained or weights_path is not None:
         state = load_pretrained_state_dict(name, weights_path, arch=arch)
         arch.load_state_dict(state, strict=True)
@@ -86,6 +108,7 @@ __all__ = [
     "BACKBONES",
     "DEFAULT_BACKBONE",
     "DEFAULT_LAYERS",
+    "PRUNABLE_BACKBONES",
     "WEIGHTS",
     "BackboneError",
     "FeatureExtractor",

@@ -14,15 +14,20 @@ convolutions SAME pads more on the bottom/right than on the top/left. We pad by 
 the exported graph has constant shapes) computed for an *even* input side at every stride-2 layer,
 i.e. input sides that are multiples of 32. Other sizes still run, with a half-pixel shift at odd
 sized layers compared with TensorFlow.
+
+Channel pruning (:mod:`edgead.deploy.prune`) removes expanded channels inside MBConv blocks; a pruned
+trunk is rebuilt here from ``expanded_channels`` (block index -> channel count), with every block's
+input and output channels unchanged.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.backbones.base import init_conv_weights
+from edgead.backbones.base import BackboneError, init_conv_weights
 
 # BatchNorm as in the TensorFlow originals (eps 1e-3; momentum is irrelevant for a frozen backbone).
 BN_EPS = 1e-3
@@ -115,12 +120,27 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 
 class MBConvBlock(nn.Module):
-    """Mobile inverted bottleneck without squeeze-excite: expand 1x1, depthwise kxk, project 1x1."""
+    """Mobile inverted bottleneck without squeeze-excite: expand 1x1, depthwise kxk, project 1x1.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expand: int) -> None:
+    ``hidden`` overrides the expanded width ``in_channels * expand`` (a channel-pruned block).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        expand: int,
+        hidden: int | None = None,
+    ) -> None:
         super().__init__()
-        hidden = in_channels * expand
         self.has_expand = expand != 1
+        if hidden is None:
+            hidden = in_channels * expand
+        elif not self.has_expand and hidden != in_channels:
+            raise BackboneError("a block without expansion has no expanded channels to prune")
+        self.hidden = hidden
         if self.has_expand:
             self._expand_conv = SameConv2d(in_channels, hidden, 1)
             self._bn0 = _bn(hidden)
@@ -153,8 +173,12 @@ class EfficientNetLite(nn.Module):
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
-    def __init__(self, width: float = 1.0, depth: float = 1.0) -> None:
+    def __init__(
+        self, width: float = 1.0, depth: float = 1.0, expanded_channels: Mapping[int | str, int] | None = None
+    ) -> None:
         super().__init__()
+        # block index -> expanded channels, for channel-pruned blocks (keys may be strings, from JSON)
+        expanded = {int(k): int(v) for k, v in (expanded_channels or {}).items()}
         self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = _bn(STEM_CHANNELS)
         self._stem_act = nn.ReLU6(inplace=True)
@@ -177,10 +201,20 @@ class EfficientNetLite(nn.Module):
                     stride_so_far *= stride
                     stage_strides.append(stride_so_far)
                     stage_channels.append(out_ch)
-                blocks.append(MBConvBlock(in_ch, out_ch, spec.kernel, stride, spec.expand))
+                hidden = expanded.get(len(blocks))
+                if hidden is not None and not (spec.expand != 1 and 0 < hidden <= in_ch * spec.expand):
+                    raise BackboneError(
+                        f"block {len(blocks)} cannot have {hidden} expanded channels "
+                        f"(it has {in_ch * spec.expand if spec.expand != 1 else 'no'} expanded channels)"
+                    )
+                blocks.append(MBConvBlock(in_ch, out_ch, spec.kernel, stride, spec.expand, hidden=hidden))
                 stage_channels[-1] = out_ch
                 in_ch = out_ch
+        unknown = sorted(set(expanded) - set(range(len(blocks))))
+        if unknown:
+            raise BackboneError(f"expanded_channels names blocks {unknown}; valid are 0..{len(blocks) - 1}")
         self._blocks = nn.ModuleList(blocks)
+        self.expanded_channels: dict[int, int] = expanded
         self._stage_starts = stage_starts
         self.stage_strides: list[int] = stage_strides
         self.stage_channels: list[int] = stage_channels
@@ -204,7 +238,12 @@ class EfficientNetLite(nn.Module):
         return x
 
 
-def efficientnet_lite(name: str) -> EfficientNetLite:
-    """Build ``efficientnet_lite0``, ``efficientnet_lite1`` or ``efficientnet_lite2`` (random init)."""
+def efficientnet_lite(
+    name: str, expanded_channels: Mapping[int | str, int] | None = None
+) -> EfficientNetLite:
+    """Build ``efficientnet_lite0``, ``efficientnet_lite1`` or ``efficientnet_lite2`` (random init).
+
+    ``expanded_channels`` (block index -> channels) builds a channel-pruned trunk.
+    """
     width, depth = LITE_SCALES[name]
-    return EfficientNetLite(width=width, depth=depth)
+    return EfficientNetLite(width=width, depth=depth, expanded_channels=expanded_channels)
