@@ -32,8 +32,24 @@ def main(argv: list[str]) -> None:
                 "run": str(run),
             }
         )
-    columns = ["dataset", "model", "image_auroc", "pixel_auroc", "aupro", "f1_max", "selected_epoch", "fit_s", "run"]
-    lines = [*results_header(title, "python benchmarks/collect_runs.py " + shlex.join(argv)), *[f"- {n}" for n in notes], "", markdown_table(rows, columns), ""]
+    columns = [
+        "dataset",
+        "model",
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "f1_max",
+        "selected_epoch",
+        "fit_s",
+        "run",
+    ]
+    lines = [
+        *results_header(title, "python benchmarks/collect_runs.py " + shlex.join(argv)),
+        *[f"- {n}" for n in notes],
+        "",
+        markdown_table(rows, columns),
+        "",
+    ]
     out.write_text("\n".join(lines))
     print(out.read_text())
 

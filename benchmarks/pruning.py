@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         help="retraining epochs of a pruned TinyGLASS (default: the run's)",
     )
     parser.add_argument("--reuse", action="store_true", help="measure pruned runs already in place")
+    parser.add_argument(
+        "--fit-threads",
+        type=int,
+        default=None,
+        help="torch threads while pruning/retraining and testing (latency always uses the default)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/pruning.md"))
     parser.add_argument("--note", action="append", default=[], help="extra line for the report header")
     args = parser.parse_args(argv)
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         from edgead.training import fit_run  # the defaults of `edgead fit`
 
         fit_run(args.dataset, args.base, model=args.model)
+    latency_threads = torch.get_num_threads()
+    if args.fit_threads:
+        torch.set_num_threads(args.fit_threads)
     rows = [measure(args.base, 0.0)]
     print(json.dumps(rows[-1], default=str), flush=True)
     for ratio in ratios:
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             prune_run(args.base, out, ratio, progress=False, hyperparameters=overrides)
         rows.append(measure(out, ratio))
         print(json.dumps(rows[-1], default=str), flush=True)
+    torch.set_num_threads(latency_threads)
     measure_latencies(rows, args.latency_images, args.rounds)
 
     command = ".venv/bin/python benchmarks/pruning.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         "- params_m = learned weights used at inference; gmacs = multiply-accumulates per image at batch 1 "
         "(edgead.profiling); run_mb = model.safetensors (float32, backbone included); latency = median ms "
         f"per image at batch 1 over the first {args.latency_images} test images (edgead.latency), "
-        f"median of {args.rounds} rounds with the runs interleaved; "
+        f"median of {args.rounds} rounds with the runs interleaved, {latency_threads} torch threads; "
         "int8_mb = INT8 weights + data + estimated peak activations (edgead.deploy.budget), checked "
         "against the IMX500's 8 MB; fit_s = the base run's fit, or the pruned run's retraining (feature "
         "cache + epochs), wall clock as recorded in each run's config.json.",

@@ -3,7 +3,9 @@
 Accuracy comes from `edgead test`'s metrics; latency is measured per image at batch 1 on test images,
 with the backbone and the head timed separately. With ``runtimes`` beyond torch, each fitted run is
 also exported (ONNX, INT8 ONNX Runtime, OpenVINO, INT8 OpenVINO via NNCF) and every file is tested
-and timed the same way: whole-model latency at batch 1 and throughput at batch 16.
+and timed the same way: whole-model latency at batch 1 and throughput at batch 16. With ``hardware``,
+every row also gets peak memory, fps and per-device energy estimates, written to
+``hardware_benchmark.csv`` with an accuracy-vs-latency plot (see :mod:`edgead.hardware`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,20 @@ import torch
 from edgead.data.datasets import ImageDataset, find_categories, open_dataset
 from edgead.errors import DatasetError, EdgeadError
 from edgead.evaluation import evaluate_run
+from edgead.hardware import (
+    ACCURACY_PLOT,
+    HARDWARE_CSV,
+    HARDWARE_NOTES,
+    hardware_columns,
+    hardware_measurements,
+    hardware_records,
+    save_accuracy_latency_plot,
+    write_hardware_csv,
+)
 from edgead.latency import measure_end_to_end, measure_latency
 from edgead.profiling import model_profile
 from edgead.reporting import markdown_table, results_header
-from edgead.runs import load_run
+from edgead.runs import WEIGHTS_FILE, load_run
 from edgead.training import fit_run
 
 RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8")
@@ -96,7 +108,12 @@ def test_images(dataset: Path, image_size: int, count: int) -> torch.Tensor:
 
 
 def runtime_rows(
-    run_dir: Path, dataset: Path, base: dict[str, Any], runtimes: Sequence[str], images: torch.Tensor, progress: bool
+    run_dir: Path,
+    dataset: Path,
+    base: dict[str, Any],
+    runtimes: Sequence[str],
+    images: torch.Tensor,
+    progress: bool,
 ) -> list[dict[str, Any]]:
     """Export the run once per format and test + time each runtime's file against the torch row."""
     from edgead.deploy.export import export_run, file_megabytes
@@ -106,10 +123,14 @@ def runtime_rows(
     files: dict[str, Path] = {}
     if any(r.startswith("onnxruntime") for r in runtimes):
         report = export_run(run_dir, "onnx", run_dir / "export", int8=int8, progress=progress)
-        files.update({"onnxruntime": report["files"]["onnx"], "onnxruntime-int8": report["files"].get("onnx_int8")})
+        files.update(
+            {"onnxruntime": report["files"]["onnx"], "onnxruntime-int8": report["files"].get("onnx_int8")}
+        )
     if any(r.startswith("openvino") for r in runtimes):
         report = export_run(run_dir, "openvino", run_dir / "export", int8=int8, progress=progress)
-        files.update({"openvino": report["files"]["openvino"], "openvino-int8": report["files"].get("openvino_int8")})
+        files.update(
+            {"openvino": report["files"]["openvino"], "openvino-int8": report["files"].get("openvino_int8")}
+        )
     rows = []
     for runtime in runtimes:
         if runtime == "torch":
@@ -118,7 +139,10 @@ def runtime_rows(
         engine = runtime.removesuffix("-int8")
         metrics = evaluate_run(path, dataset, runtime=engine, progress=progress)
         timing = measure_end_to_end(load_inferencer(path, engine), images)
-        row = {key: base[key] for key in ("dataset", "model", "layers", "backbone", "image_size", "params_m", "gmacs")}
+        row = {
+            key: base[key]
+            for key in ("dataset", "model", "layers", "backbone", "image_size", "params_m", "gmacs")
+        }
         row.update(runtime=runtime, file=str(path), file_mb=file_megabytes(path), **timing)
         row.update({k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")})
         for key in ("image_auroc", "pixel_auroc"):
@@ -142,6 +166,7 @@ def benchmark_one(
     progress: bool,
     runtimes: Sequence[str] = ("torch",),
     reuse_runs: bool = False,
+    hardware: bool = False,
 ) -> list[dict[str, Any]]:
     layer_tag = "default" if layers is None else "-".join(map(str, layers))
     run_dir = runs_dir / f"{model}_{layer_tag}_{label.replace('/', '_')}"
@@ -183,10 +208,16 @@ def benchmark_one(
         "head": config.head,
         "run_dir": str(run_dir),
     }
-    if list(runtimes) == ["torch"]:
+    if list(runtimes) == ["torch"] and not hardware:
         return [row]
-    row.update(measure_end_to_end(pipeline, images), file_mb=row["run_mb"], speedup_vs_torch=1.0)
-    return [row, *runtime_rows(run_dir, dataset, row, runtimes, images, progress)]
+    weights = run_dir / WEIGHTS_FILE
+    row.update(measure_end_to_end(pipeline, images), speedup_vs_torch=1.0)
+    row.update(file=str(weights), file_mb=weights.stat().st_size / 1e6)
+    rows = [row, *runtime_rows(run_dir, dataset, row, runtimes, images, progress)]
+    if hardware:
+        for one in rows:
+            one.update(hardware_measurements(one, images))
+    return rows
 
 
 def run_benchmark(
@@ -204,8 +235,13 @@ def run_benchmark(
     notes: Sequence[str] = (),
     runtimes: Sequence[str] = ("torch",),
     reuse_runs: bool = False,
+    hardware: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every dataset x layer set x model (x runtime); ``layers`` None is the backbone's default."""
+    """Every dataset x layer set x model (x runtime); ``layers`` None is the backbone's default.
+
+    ``hardware`` adds the hardware view: ``hardware_benchmark.csv`` and ``accuracy_vs_latency.png``
+    in ``out_markdown``'s folder, and a table of them in the report.
+    """
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise EdgeadError(f"unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}")
@@ -229,6 +265,7 @@ def run_benchmark(
             progress,
             runtimes,
             reuse_runs,
+            hardware,
         )
     ]
     out_markdown = Path(out_markdown)
@@ -249,6 +286,11 @@ def run_benchmark(
         markdown_table(rows, COLUMNS if len(runtimes) == 1 else RUNTIME_COLUMNS),
         "",
     ]
+    if hardware:
+        records = hardware_records(rows)
+        write_hardware_csv(out_markdown.parent / HARDWARE_CSV, records)
+        save_accuracy_latency_plot(out_markdown.parent / ACCURACY_PLOT, records)
+        lines += hardware_section(records)
     out_markdown.write_text("\n".join(lines))
     out_markdown.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return rows
@@ -264,4 +306,21 @@ def runtime_notes(runtimes: Sequence[str]) -> list[str]:
         "after its first stage in INT8, its first stage, the head and the postprocess in float. *_change = AUROC minus the torch fp32 row's.",
         "- p50_ms / p95_ms: whole model per image at batch 1 (test images, after warm-up); ips_b16: images "
         "per second at batch 16; speedup_vs_torch: torch p50 / this p50; file_mb: the file(s) a device needs.",
+    ]
+
+
+def hardware_section(records: list[dict[str, Any]]) -> list[str]:
+    """The report's hardware view: column notes, the table and the plot (files beside the report)."""
+    columns = [c for c in hardware_columns() if c not in ("backbone", "image_size", "threads", "file")]
+    return [
+        "## Hardware view",
+        "",
+        f"Also in `{HARDWARE_CSV}`; image AUROC against latency, with the Pareto front: `{ACCURACY_PLOT}`.",
+        "",
+        *[f"- {note}" for note in HARDWARE_NOTES],
+        "",
+        markdown_table(records, columns),
+        "",
+        f"![accuracy vs latency]({ACCURACY_PLOT})",
+        "",
     ]

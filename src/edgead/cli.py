@@ -160,25 +160,65 @@ def test(
 @app.command()
 def predict(
     run: ModelArgument,
-    inputs: Annotated[list[Path], typer.Argument(help="Images and/or folders of images.")],
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Images and/or folders, OR one video file, OR one camera index (0, 1...)."),
+    ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for heat maps and predictions.csv.")
+        Path, typer.Option("--out", "-o", help="Folder for the annotated video or PNGs and predictions.csv.")
     ] = Path("predictions"),
     runtime: RuntimeOption = None,
+    blur: Annotated[
+        str | None, typer.Option(help="Blur these before inference and before anything is written: faces.")
+    ] = None,
+    blur_regions: Annotated[
+        Path | None,
+        typer.Option(help='JSON file of polygons to blur, in source pixels: {"polygons": [[[x, y], ...]]}.'),
+    ] = None,
+    output: Annotated[
+        str, typer.Option(help="auto (PNGs for images, a video for videos/cameras), video, png or none.")
+    ] = "auto",
+    video_format: Annotated[
+        str, typer.Option(help="Container of the annotated video: mp4, webm or avi.")
+    ] = "mp4",
+    max_frames: Annotated[
+        int | None, typer.Option(help="Stop after this many frames (cameras run until Ctrl-C).")
+    ] = None,
 ) -> None:
-    """Score images: prints score and decision per image, writes heat-map overlays and a CSV."""
-    from edgead.prediction import predict_paths
+    """Score images, a video or a camera: per-frame score, decision, heat-map overlay, FPS, and a CSV."""
+    from edgead.runtime import run_stream
+    from edgead.runtime.sources import source_kind
 
-    results = predict_paths(run, inputs, out, runtime=runtime)
-    failed = 0
-    for r in results:
-        if r.error:
-            failed += 1
-            typer.echo(f"{r.path}: error: {r.error}", err=True)
-        else:
-            typer.echo(f"{r.path}: score {r.score:.4f} ({r.normalized_score:.2f}) {r.decision}")
-    typer.echo(f"{len(results) - failed} images scored, {failed} failed; heat maps in {out / 'heatmaps'}")
-    if failed:
+    per_frame_lines = source_kind(sources) == "images"  # a video's frames go to the CSV, not the terminal
+
+    def show(result) -> None:  # noqa: ANN001
+        if result.error:
+            typer.echo(f"{result.name}: error: {result.error}", err=True)
+        elif per_frame_lines:
+            typer.echo(
+                f"{result.name}: score {result.score:.4f} ({result.normalized_score:.2f}) {result.decision}"
+            )
+
+    summary = run_stream(
+        run,
+        sources,
+        out,
+        runtime=runtime,
+        blur=blur,
+        blur_regions=blur_regions,
+        output=output,
+        video_format=video_format,
+        max_frames=max_frames,
+        on_result=show,
+    )
+    for warning in summary.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    written = summary.video or summary.png_dir or "nothing (--output none)"
+    typer.echo(
+        f"{summary.scored} frames scored, {summary.failed} failed, {summary.anomalous} anomalous; "
+        f"{summary.fps:.1f} FPS end to end on {summary.runtime}; output: {written}; scores: {summary.csv}"
+    )
+    if summary.failed or not summary.results:
         raise typer.Exit(1)
 
 
@@ -210,6 +250,14 @@ def benchmark(
     reuse_runs: Annotated[
         bool, typer.Option("--reuse-runs", help="Load runs already in --runs-dir instead of refitting them.")
     ] = False,
+    hardware: Annotated[
+        bool,
+        typer.Option(
+            "--hardware",
+            help="Also p50/p95 latency, fps, throughput, file size, peak RAM and per-device energy "
+            "estimates (from MACs): hardware_benchmark.csv and accuracy_vs_latency.png beside --out.",
+        ),
+    ] = False,
 ) -> None:
     """Fit + test every model on every dataset (and runtime); write one markdown table and JSON."""
     from edgead.benchmark import run_benchmark
@@ -228,6 +276,7 @@ def benchmark(
         notes=note or (),
         runtimes=runtime or ("torch",),
         reuse_runs=reuse_runs,
+        hardware=hardware,
     )
     for row in rows:
         typer.echo(
@@ -235,6 +284,10 @@ def benchmark(
             f"image AUROC {row['image_auroc']:.4f}"
         )
     typer.echo(f"table written to {out}")
+    if hardware:
+        typer.echo(
+            f"hardware view written to {out.parent / 'hardware_benchmark.csv'} and accuracy_vs_latency.png"
+        )
 
 
 @app.command()
@@ -242,7 +295,9 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, openvino or imx500.")] = "onnx",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: RUN/export).")] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 post-training-quantized file.")] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write an INT8 post-training-quantized file.")
+    ] = False,
     calibration: Annotated[int, typer.Option(help="Number of calibration images for --int8.")] = 64,
     calibration_dir: Annotated[
         Path | None, typer.Option(help="Folder of normal images (default: the run's train/good).")
@@ -294,7 +349,9 @@ def budget(
 def prune(
     run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
     ratio: Annotated[float, typer.Option(help="Share of channels to remove, in (0, 1).")] = 0.5,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="New run folder (default: RUN_pruned).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="New run folder (default: RUN_pruned).")
+    ] = None,
 ) -> None:
     """Structured channel pruning of the backbone's last stages and the head, then refit the head."""
     from edgead.deploy.prune import prune_run
@@ -366,17 +423,21 @@ def contamination(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the dataset, run and report.")] = Path(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the videos, run and report.")] = Path(
         "demo_output"
     ),
+    model: Annotated[str, typer.Option(help="Model to fit on the synthetic good parts.")] = "patchcore",
+    seconds: Annotated[float, typer.Option(help="Length of the inspection video.")] = 20.0,
 ) -> None:
-    """Run the whole job on a built-in synthetic dataset (works on a fresh machine, no downloads)."""
+    """A synthetic inspection line end to end: fit on good parts, run the live loop, write the annotated video."""
     from edgead.demo import run_demo
 
-    metrics = run_demo(out)
-    typer.echo("demo results (synthetic parts):")
-    print_metrics(metrics)
-    typer.echo(f"report: {metrics['report']}")
+    result = run_demo(out, model=model, seconds=seconds)
+    typer.echo("demo results (synthetic belt video, per frame):")
+    for key in ("frames", "detection_rate", "false_alarm_rate", "frame_auroc", "fps", "fit_seconds"):
+        value = result.get(key)
+        typer.echo(f"  {key:<16} {'n/a' if value is None else round(value, 4)}")
+    typer.echo(f"annotated video: {result['video']}\nreport: {result['report']}")
 
 
 @app.command()

@@ -119,7 +119,9 @@ def evaluate_run(
     if quantization:
         metrics["quantization"] = quantization
         if source and Path(source, "config.json").is_file():
-            reference = predict_samples(load_run(source)[0], data.test, batch_size, progress, "fp32 reference")
+            reference = predict_samples(
+                load_run(source)[0], data.test, batch_size, progress, "fp32 reference"
+            )
             fp32 = score_predictions(reference, config)
             for key in ("image_auroc", "pixel_auroc"):
                 if metrics.get(key) is not None and fp32.get(key) is not None:

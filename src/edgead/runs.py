@@ -74,7 +74,9 @@ def build_from_config(config: RunConfig) -> Pipeline:
     layers = tuple(config.layers) if config.layers is not None else None
     expanded = (config.extra.get("pruned_channels") or {}).get("backbone")
     if expanded:
-        backbone = create_backbone(config.backbone, layers=layers, pretrained=False, expanded_channels=expanded)
+        backbone = create_backbone(
+            config.backbone, layers=layers, pretrained=False, expanded_channels=expanded
+        )
         head = create_head(config.model, **config.head)
         return Pipeline(backbone, head, image_size=config.image_size, blur_sigma=config.blur_sigma)
     return create_pipeline(

@@ -100,7 +100,11 @@ def fit_run(
             "validation_fraction": validation_fraction,
             "seed": seed,
             "fit_seconds": round(fit_seconds, 2),
-            **({"selected_epoch": pipeline.head.selected_epoch_} if hasattr(pipeline.head, "selected_epoch_") else {}),
+            **(
+                {"selected_epoch": pipeline.head.selected_epoch_}
+                if hasattr(pipeline.head, "selected_epoch_")
+                else {}
+            ),
             "pretrained": pretrained,
             "weights_path": weights_path,
             "created": dt.datetime.now().isoformat(timespec="seconds"),

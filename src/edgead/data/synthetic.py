@@ -96,6 +96,15 @@ def render_part(
 
     ``defect`` is None for a good part or one of :data:`DEFECT_TYPES`. The mask is all False for good parts.
     """
+    image, mask, _, _ = render_part_layers(rng, size, defect)
+    return image, mask
+
+
+def render_part_layers(
+    rng: np.random.Generator, size: int, defect: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`render_part` plus the layers a moving scene needs to paste the part onto another belt:
+    (image, defect mask, part coverage alpha in 0..1, shadow factor that darkens the belt in 0..1)."""
     if defect is not None and defect not in DEFECT_TYPES:
         raise ValueError(f"unknown defect {defect!r}; choose one of {', '.join(DEFECT_TYPES)} or None")
     s = float(size)
@@ -115,7 +124,8 @@ def render_part(
     # Belt with the part's soft shadow cast down-right.
     background = _belt(rng, size, yy, 62.0)
     shadow_r = np.hypot(dx - 0.02 * s, dy - 0.025 * s)
-    background *= 1.0 - 0.5 * np.clip((radius + 0.02 * s - shadow_r) / (0.05 * s), 0, 1)[..., None]
+    shadow = 1.0 - 0.5 * np.clip((radius + 0.02 * s - shadow_r) / (0.05 * s), 0, 1)
+    background *= shadow[..., None]
 
     # Coverage of the part (antialiased edges): disc minus bore minus bolt holes.
     bore = _BORE_RADIUS * s
@@ -140,7 +150,7 @@ def render_part(
         image[mask] = image[mask] * (1 - opacity) + colour * opacity
 
     image = image * brightness + rng.normal(0.0, 1.5, image.shape).astype(np.float32)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), mask, alpha.astype(np.float32), shadow
 
 
 def _face_point(rng: np.random.Generator, cx: float, cy: float, radius: float) -> tuple[float, float]:

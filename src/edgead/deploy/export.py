@@ -69,7 +69,9 @@ def export_run(
 
         report["files"]["openvino"] = convert_openvino(onnx_path, out_dir / "model.xml")
         if images is not None:
-            report["files"]["openvino_int8"] = quantize_openvino(onnx_path, out_dir / "model.int8.xml", images)
+            report["files"]["openvino_int8"] = quantize_openvino(
+                onnx_path, out_dir / "model.int8.xml", images
+            )
     report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
     return report
 

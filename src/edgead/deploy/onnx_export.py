@@ -164,7 +164,11 @@ def export_onnx(
             str(out_path),
             input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
+            dynamic_axes={
+                INPUT_NAME: {0: "batch"},
+                OUTPUT_NAMES[0]: {0: "batch"},
+                OUTPUT_NAMES[1]: {0: "batch"},
+            },
             opset_version=OPSET,
             dynamo=False,
         )

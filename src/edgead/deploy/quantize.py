@@ -86,7 +86,9 @@ def quantize_onnxruntime(
             op_types_to_quantize=["Conv", "Clip", "Relu"],  # activations fold into the conv ranges
             nodes_to_exclude=excluded,
         )
-    metadata["quantization"] = f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images"
+    metadata["quantization"] = (
+        f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images"
+    )
     write_metadata(out_path, metadata)
     return out_path
 

@@ -123,7 +123,10 @@ class OpenVinoInferencer(Inferencer):
             model = core.read_model(str(path))
         super().__init__(config_from_metadata(metadata, path), _onnx_input_dtype(metadata), metadata)
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run fp32 models in bf16.
-        config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
+        config = {
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
 
