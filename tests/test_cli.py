@@ -71,7 +71,7 @@ def test_fit_test_predict_round_trip(synthetic_dataset: Path, fitted_run: Path, 
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
     csv_lines = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + len(list(fake.iterdir()))
-    assert len(list((tmp_path / "pred" / "heatmaps").glob("*.png"))) == len(csv_lines) - 2
+    assert len(list((tmp_path / "pred" / "frames").glob("*.png"))) == len(csv_lines) - 2
 
 
 def test_run_folder_from_another_model_or_tool(fitted_run: Path, tmp_path: Path):

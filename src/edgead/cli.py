@@ -184,6 +184,9 @@ def predict(
     max_frames: Annotated[
         int | None, typer.Option(help="Stop after this many frames (cameras run until Ctrl-C).")
     ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Inference threads for onnxruntime/openvino (default: all cores).")
+    ] = None,
 ) -> None:
     """Score images, a video or a camera: per-frame score, decision, heat-map overlay, FPS, and a CSV."""
     from edgead.runtime import run_stream
@@ -209,6 +212,7 @@ def predict(
         output=output,
         video_format=video_format,
         max_frames=max_frames,
+        threads=threads,
         on_result=show,
     )
     for warning in summary.warnings:

@@ -156,6 +156,8 @@ def load_inferencer(path: str | Path, runtime: str | None = None, threads: int |
                 f"{path} is a run folder, which runs on torch; for {runtime} export it first: "
                 f"edgead export {path} --format onnx"
             )
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
         return TorchInferencer(path)
     if path.suffix not in (".onnx", ".xml"):
         raise EdgeadError(f"{path} is neither a run folder nor an exported .onnx/.xml model")

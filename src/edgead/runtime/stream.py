@@ -255,16 +255,21 @@ def run_stream(
     output: str = "auto",
     video_format: str = "mp4",
     max_frames: int | None = None,
+    threads: int | None = None,
     progress: bool = True,
     on_result: Callable[[FrameResult], None] | None = None,
 ) -> StreamSummary:
-    """Score every frame of ``sources`` with ``model`` and write the annotated output and a CSV."""
+    """Score every frame of ``sources`` with ``model`` and write the annotated output and a CSV.
+
+    ``threads``: inference threads of ONNX Runtime / OpenVINO (default: torch's thread count). On a
+    2-core machine 1 leaves a core to the decoder and encoder threads.
+    """
     if output not in OUTPUTS:
         raise EdgeadError(f"--output {output!r}: choose one of {', '.join(OUTPUTS)}")
     if video_format not in VIDEO_CODECS:
         raise EdgeadError(f"--video-format {video_format!r}: choose one of {', '.join(VIDEO_CODECS)}")
     privacy = PrivacyFilter(blur, blur_regions)  # bad options fail before anything is opened
-    model = model if isinstance(model, Inferencer) else load_inferencer(model, runtime)
+    model = model if isinstance(model, Inferencer) else load_inferencer(model, runtime, threads)
     config = model.config
     source = sources if isinstance(sources, FrameSource) else open_source(sources, max_frames)
     if output == "auto":
