@@ -282,7 +282,10 @@ def run_stream(
     results: list[FrameResult] = []
     warnings: list[str] = []
     recent: deque[float] = deque(maxlen=30)
-    prepared = prefetch(_prepare(source, privacy, config.image_size))
+    # A camera keeps producing while we score: a short queue keeps the shown frame close to live.
+    prepared = prefetch(
+        _prepare(source, privacy, config.image_size), depth=2 if source.kind == "camera" else 8
+    )
     try:
         for item in progress_bar(prepared, "predict", progress, total=source.expected_frames):
             frame = item.frame
