@@ -27,6 +27,23 @@ def fitted_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def tinyglass_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TinyGLASS run on the synthetic dataset, short (4 epochs, 2 views) but with the pretrained backbone."""
+    from edgead.training import fit_run
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tinyglass"
+    fit_run(
+        synthetic_dataset,
+        run_dir,
+        model="tinyglass",
+        image_size=128,
+        progress=False,
+        hyperparameters={"epochs": 4, "views": 2},
+    )
+    return run_dir
+
+
 def require_shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"{SHARED_DATASETS} is absent")

@@ -21,22 +21,6 @@ from edgead.runs import load_run
 
 
 @pytest.fixture(scope="module")
-def tinyglass_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgead.training import fit_run
-
-    run_dir = tmp_path_factory.mktemp("runs") / "tinyglass"
-    fit_run(
-        synthetic_dataset,
-        run_dir,
-        model="tinyglass",
-        image_size=128,
-        progress=False,
-        hyperparameters={"epochs": 4, "views": 2},
-    )
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def exported(fitted_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("export") / "patchcore.onnx"
     export_onnx(fitted_run, path)

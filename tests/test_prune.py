@@ -82,28 +82,19 @@ def test_bad_ratio_missing_run_and_unprunable_backbone(tmp_path: Path):
         prune_pipeline(padim, 0.5, backbone=False)
 
 
-def test_prune_a_tinyglass_run(synthetic_dataset: Path, tmp_path: Path):
+def test_prune_a_tinyglass_run(tinyglass_run: Path, tmp_path: Path):
     from edgead.evaluation import evaluate_run
     from edgead.runs import load_run
-    from edgead.training import fit_run
 
-    params = {"epochs": 4, "views": 2}
-    original, _ = fit_run(
-        synthetic_dataset,
-        tmp_path / "run",
-        model="tinyglass",
-        image_size=128,
-        progress=False,
-        hyperparameters=params,
-    )
+    original, _ = load_run(tinyglass_run)
     # The pruned head is retrained from its pruned weights: fewer epochs than the first fit suffice.
     pruned, config = prune_run(
-        tmp_path / "run", tmp_path / "pruned", 0.5, progress=False, hyperparameters={"epochs": 2}
+        tinyglass_run, tmp_path / "pruned", 0.5, progress=False, hyperparameters={"epochs": 2}
     )
     assert count_parameters(pruned) < 0.6 * count_parameters(original)
     assert config.head["hidden"] == 128 and config.head["epochs"] == 2
     assert config.extra["pruned_channels"]["backbone"]["9"] == 336
-    assert config.extra["pruning"]["source_run"] == str((tmp_path / "run").resolve())
+    assert config.extra["pruning"]["source_run"] == str(tinyglass_run.resolve())
     # The config rebuilds the pruned shapes, and the saved run predicts what the fitted one did.
     loaded, _ = load_run(tmp_path / "pruned")
     images = torch.rand(2, 3, 128, 128)
@@ -113,7 +104,7 @@ def test_prune_a_tinyglass_run(synthetic_dataset: Path, tmp_path: Path):
     metrics = evaluate_run(tmp_path / "pruned", out_dir=tmp_path / "report", progress=False)
     assert metrics["image_auroc"] > 0.75  # the unpruned run: 0.875 on these 16 test images
     with pytest.raises(EdgeadError, match="must be a new folder"):
-        prune_run(tmp_path / "run", tmp_path / "run", 0.5, progress=False)
+        prune_run(tinyglass_run, tinyglass_run, 0.5, progress=False)
 
 
 def test_prune_a_patchcore_run_refits_its_memory_bank(fitted_run: Path, tmp_path: Path):
