@@ -12,12 +12,13 @@ import torch
 from test_cli import assert_clean_error, edgead
 
 from edgead.deploy.export import export_run
-from edgead.deploy.onnx_export import export_onnx, read_metadata, train_images
+from edgead.deploy.onnx_export import export_onnx, read_metadata, train_images, validation_images
 from edgead.deploy.quantize import quantize_onnxruntime
 from edgead.deploy.runtimes import load_inferencer
 from edgead.errors import EdgeadError
 from edgead.evaluation import evaluate_run
 from edgead.runs import load_run
+from edgead.training import calibrate
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,12 @@ def test_tinyglass_int8_onnxruntime_and_openvino(tinyglass_run: Path, tmp_path: 
         fp32_maps = reference.predict(images)[0].flatten()
         correlation = np.corrcoef(int8_maps.numpy(), fp32_maps.numpy())[0, 1]
         assert correlation > 0.75
+        # The INT8 file carries its own threshold: the fp32 rule applied to its scores on the run's
+        # normal validation images.
+        int8 = load_inferencer(path, runtime)
+        validation = validation_images(reference.config)
+        assert len(validation) == reference.config.extra["n_validation"]
+        scores = int8.predict(torch.from_numpy(validation).permute(0, 3, 1, 2).float() / 255)[1].numpy()
+        expected = calibrate(scores, reference.config.threshold_quantile)
+        assert int8.config.threshold == pytest.approx(expected["threshold"], rel=1e-4)
+        assert "int8 model" in int8.config.extra["threshold_source"]

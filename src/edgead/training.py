@@ -22,7 +22,7 @@ from edgead.models.base import TrainableHead
 from edgead.runs import RunConfig, save_run
 
 
-def calibrate(pipeline: Pipeline, validation_scores: np.ndarray, quantile: float) -> dict[str, float]:
+def calibrate(validation_scores: np.ndarray, quantile: float) -> dict[str, float]:
     """Threshold from normal scores; normalisation maps min -> 0 and threshold -> 0.5."""
     threshold = threshold_from_normal(validation_scores, quantile=quantile)
     score_min = float(np.min(validation_scores))
@@ -83,7 +83,7 @@ def fit_run(
     validation_scores = predict_samples(
         pipeline, validation, batch_size=batch_size, progress=progress, desc="validation"
     ).scores
-    calibration = calibrate(pipeline, validation_scores, threshold_quantile)
+    calibration = calibrate(validation_scores, threshold_quantile)
     config = RunConfig(
         model=model,
         head=pipeline.head.hyperparameters(),

@@ -13,7 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgead.deploy.onnx_export import config_from_metadata, export_onnx, read_metadata, train_images
+from edgead.deploy.onnx_export import (
+    config_from_metadata,
+    export_onnx,
+    read_metadata,
+    train_images,
+    validation_images,
+)
 from edgead.errors import EdgeadError
 
 FORMATS = ("onnx", "openvino", "imx500")
@@ -55,22 +61,30 @@ def export_run(
         "parity_max_abs_diff_score": result.max_abs_diff_score,
         "parity_images": result.parity_images,
     }
-    images = None
+    images = validation = None
     if int8:
         config = config_from_metadata(read_metadata(onnx_path), onnx_path)
         images = train_images(config, calibration, calibration_dir)
         report["calibration_images"] = len(images)
+        validation = validation_images(config)
+        report["int8_threshold"] = (
+            f"from the INT8 model's scores on {len(validation)} normal validation images"
+            if validation is not None
+            else "the fp32 run's (its dataset is not on this machine)"
+        )
     if fmt == "onnx" and images is not None:
         from edgead.deploy.quantize import quantize_onnxruntime
 
-        report["files"]["onnx_int8"] = quantize_onnxruntime(onnx_path, out_dir / "model.int8.onnx", images)
+        report["files"]["onnx_int8"] = quantize_onnxruntime(
+            onnx_path, out_dir / "model.int8.onnx", images, validation=validation
+        )
     if fmt == "openvino":
         from edgead.deploy.quantize import convert_openvino, quantize_openvino
 
         report["files"]["openvino"] = convert_openvino(onnx_path, out_dir / "model.xml")
         if images is not None:
             report["files"]["openvino_int8"] = quantize_openvino(
-                onnx_path, out_dir / "model.int8.xml", images
+                onnx_path, out_dir / "model.int8.xml", images, validation=validation
             )
     report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
     return report

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgead.deploy.onnx_export import INPUT_NAME, IR_METADATA_KEY, read_metadata, to_input, write_metadata
+from edgead.deploy.onnx_export import (
+    CONFIG_KEY,
+    INPUT_NAME,
+    IR_METADATA_KEY,
+    OUTPUT_NAMES,
+    read_metadata,
+    to_input,
+    write_metadata,
+)
 from edgead.errors import EdgeadError
 
 KEEP_FLOAT = ("/head/", "/postprocess/", "/backbone/stages.0/")  # node-name parts of ops kept in float
@@ -35,6 +43,26 @@ KEEP_FLOAT = ("/head/", "/postprocess/", "/backbone/stages.0/")  # node-name par
 
 def _input_dtype(metadata: dict[str, str]) -> str:
     return "uint8" if metadata.get("input_format", "").startswith("uint8") else "float32"
+
+
+def recalibrated_metadata(metadata: dict[str, str], scores: np.ndarray, images: int) -> dict[str, str]:
+    """The metadata with the INT8 model's own threshold and score range, from its scores on the run's
+    normal validation images (the images the fp32 threshold came from; never test images).
+
+    INT8 shifts the scores slightly; keeping the fp32 threshold would flag more or fewer normal parts.
+    """
+    from edgead.training import calibrate
+
+    config = json.loads(metadata[CONFIG_KEY])
+    calibration = calibrate(np.asarray(scores, dtype=np.float64), float(config["threshold_quantile"]))
+    config.update(calibration)
+    config.setdefault("extra", {})["threshold_source"] = f"int8 model on {images} normal validation images"
+    return {
+        **metadata,
+        **{key: repr(value) for key, value in calibration.items()},
+        CONFIG_KEY: json.dumps(config),
+        "threshold_source": config["extra"]["threshold_source"],
+    }
 
 
 def _check_calibration(images: np.ndarray) -> None:
@@ -47,10 +75,12 @@ def quantize_onnxruntime(
     out_path: str | Path,
     calibration: np.ndarray,
     keep_float: tuple[str, ...] = KEEP_FLOAT,
+    validation: np.ndarray | None = None,
 ) -> Path:
     """INT8 QDQ model for ONNX Runtime; ``calibration`` is uint8 NHWC normal images.
 
-    Nodes whose name contains one of ``keep_float`` stay in float.
+    Nodes whose name contains one of ``keep_float`` stay in float. With ``validation`` (the run's normal
+    validation images, uint8 NHWC), the threshold is re-derived from the INT8 model's own scores.
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -89,12 +119,25 @@ def quantize_onnxruntime(
     metadata["quantization"] = (
         f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images"
     )
+    if validation is not None and len(validation):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+        scores = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: to_input(validation, _input_dtype(metadata))})[0]
+        metadata = recalibrated_metadata(metadata, scores, len(validation))
     write_metadata(out_path, metadata)
     return out_path
 
 
-def quantize_openvino(model_path: str | Path, out_path: str | Path, calibration: np.ndarray) -> Path:
-    """INT8 OpenVINO IR via NNCF; ``out_path`` ends in .xml (the weights go next to it as .bin)."""
+def quantize_openvino(
+    model_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    validation: np.ndarray | None = None,
+) -> Path:
+    """INT8 OpenVINO IR via NNCF; ``out_path`` ends in .xml (the weights go next to it as .bin).
+
+    ``validation``: as in :func:`quantize_onnxruntime`, the INT8 model's own threshold."""
     import nncf
     import openvino as ov
 
@@ -113,6 +156,12 @@ def quantize_openvino(model_path: str | Path, out_path: str | Path, calibration:
     )
     _drop_quantizers_in(quantized, ("/head/", "/postprocess/"))
     metadata["quantization"] = f"int8 openvino nncf, {len(inputs)} images"
+    if validation is not None and len(validation):
+        compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled(to_input(validation, _input_dtype(metadata)))
+        metadata = recalibrated_metadata(
+            metadata, np.asarray(result[compiled.output(OUTPUT_NAMES[1])]), len(validation)
+        )
     quantized.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(out_path), compress_to_fp16=False)
