@@ -14,7 +14,7 @@ from PIL import Image
 
 from edgead.deploy.runtimes import TorchInferencer
 from edgead.runtime import run_stream
-from edgead.runtime.annotate import annotate_frame, read_decision
+from edgead.runtime.annotate import annotate_frame, paint_anomalies, read_decision
 from edgead.runtime.privacy import FaceDetector, PrivacyError, PrivacyFilter
 from edgead.runtime.sources import SourceError, open_source, prefetch
 
@@ -157,9 +157,9 @@ def test_blurred_regions_never_reach_the_model_or_the_outputs(tmp_path: Path, fi
 
     def assert_secret_gone(image: np.ndarray) -> None:
         # Inside: the 4-pixel checkerboard is destroyed (no pixel-to-pixel contrast left). Outside, it is
-        # still there under the heat-map tint (so the measure can tell the two apart).
+        # still there under the red paint (so the measure can tell the two apart).
         assert np.abs(np.diff(image[inside].astype(float), axis=1)).mean() < 5
-        assert np.abs(np.diff(image[outside].astype(float), axis=1)).mean() > 15
+        assert np.abs(np.diff(image[outside].astype(float), axis=1)).mean() > 8
 
     images = tmp_path / "images"
     images.mkdir()
@@ -211,11 +211,21 @@ def test_loop_survives_bad_frames(tmp_path: Path, fitted_run: Path, synthetic_da
     assert len(rows) == 1 + 5
 
 
+def test_only_the_area_over_the_threshold_is_painted_red():
+    image = np.full((100, 100, 3), 90, np.uint8)
+    amap = np.zeros((50, 50), np.float32)
+    amap[10:20, 30:40] = 2.0  # over the threshold (1.0) -> red, at full strength (vmax 1.5)
+    painted = paint_anomalies(image, amap, threshold=1.0, vmax=1.5)
+    red = (painted[:, :, 0].astype(int) - painted[:, :, 1]) > 60
+    assert red[24:36, 64:76].all()  # the area, upsampled 2x (inside the outline)
+    assert not red[50:, :].any() and (painted[60:, 60:] == 90).all()  # normal areas untouched
+
+
 def test_decision_border_survives_video_encoding(tmp_path: Path):
     frames = []
     for decision in ("anomalous", "normal", "anomalous", None):
         base = np.full((120, 160, 3), 90, np.uint8)
-        frames.append(annotate_frame(base, np.zeros((32, 32)), 0.0, 1.0, decision, score=0.5, fps=12.0))
+        frames.append(annotate_frame(base, np.zeros((32, 32)), 0.5, 1.0, decision, score=0.5, fps=12.0))
     decoded = read_video(write_video(tmp_path / "a.mp4", frames, codec="mp4v"))
     assert [read_decision(f) for f in decoded] == ["anomalous", "normal", "anomalous", None]
 

@@ -134,9 +134,9 @@ class _Writer:
     """The output stage, in its own thread: overlays, the annotated video and/or PNGs."""
 
     def __init__(
-        self, out_dir: Path, output: str, video_format: str, fps: float, vmin: float, vmax: float
+        self, out_dir: Path, output: str, video_format: str, fps: float, threshold: float, vmax: float
     ) -> None:
-        self.out_dir, self.output, self.fps, self.vmin, self.vmax = out_dir, output, fps, vmin, vmax
+        self.out_dir, self.output, self.fps, self.threshold, self.vmax = out_dir, output, fps, threshold, vmax
         self.video_path = out_dir / f"annotated.{video_format}" if output == "video" else None
         self.png_dir = out_dir / "frames" if output == "png" else None
         self.codec = VIDEO_CODECS[video_format]
@@ -193,7 +193,13 @@ class _Writer:
                 result.note = f"frame is {w}x{h}, not {self.size[0]}x{self.size[1]} like the first: resized for the video"
                 image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
         annotated = annotate_frame(
-            image, item.anomaly_map, self.vmin, self.vmax, result.decision, result.normalized_score, item.fps
+            image,
+            item.anomaly_map,
+            self.threshold,
+            self.vmax,
+            result.decision,
+            result.normalized_score,
+            item.fps,
         )
         if self.video is not None:
             self.video.write(cv2.cvtColor(annotated, cv2.COLOR_RGB2BGR))
@@ -278,7 +284,7 @@ def run_stream(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    writer = _Writer(out_dir, output, video_format, source.fps or 30.0, config.score_min, config.score_max)
+    writer = _Writer(out_dir, output, video_format, source.fps or 30.0, config.threshold, config.score_max)
     results: list[FrameResult] = []
     warnings: list[str] = []
     recent: deque[float] = deque(maxlen=30)
