@@ -221,6 +221,20 @@ def test_only_the_area_over_the_threshold_is_painted_red():
     assert not red[50:, :].any() and (painted[60:, 60:] == 90).all()  # normal areas untouched
 
 
+@pytest.mark.parametrize("video_format", ["webm", "avi"])
+def test_other_video_containers(tmp_path: Path, fitted_run: Path, video_format: str):
+    frames = [checkerboard(96, 128, cell=8 + i) for i in range(4)]
+    summary = run_stream(
+        fitted_run,
+        [write_video(tmp_path / "in.avi", frames)],
+        tmp_path / "out",
+        video_format=video_format,
+        progress=False,
+    )
+    assert summary.video.suffix == f".{video_format}"
+    assert len(read_video(summary.video)) == summary.scored == 4
+
+
 def test_decision_border_survives_video_encoding(tmp_path: Path):
     frames = []
     for decision in ("anomalous", "normal", "anomalous", None):

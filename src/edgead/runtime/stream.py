@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -211,37 +211,15 @@ class _Writer:
 
 
 def write_frames_csv(path: Path, results: list[FrameResult]) -> Path:
+    """One row per frame, the columns of :class:`FrameResult`."""
     with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "index",
-                "name",
-                "score",
-                "normalized_score",
-                "decision",
-                "blurred_pixels",
-                "inference_ms",
-                "output",
-                "error",
-                "note",
-            ]
-        )
-        for r in results:
-            writer.writerow(
-                [
-                    r.index,
-                    r.name,
-                    r.score,
-                    r.normalized_score,
-                    r.decision,
-                    r.blurred_pixels,
-                    None if r.inference_ms is None else round(r.inference_ms, 3),
-                    r.output or "",
-                    r.error or "",
-                    r.note or "",
-                ]
-            )
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(FrameResult)])
+        writer.writeheader()
+        for result in results:
+            row = asdict(result)
+            if result.inference_ms is not None:
+                row["inference_ms"] = round(result.inference_ms, 3)
+            writer.writerow(row)
     return path
 
 
