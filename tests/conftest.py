@@ -27,21 +27,28 @@ def fitted_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory
     return run_dir
 
 
-@pytest.fixture(scope="session")
-def tinyglass_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A TinyGLASS run on the synthetic dataset, short (4 epochs, 2 views) but with the pretrained backbone."""
+def fit_small_tinyglass(
+    dataset: Path, run_dir: Path, image_size: int = 128, pretrained: bool = True, **head
+) -> Path:
+    """A short TinyGLASS fit for tests (default 4 epochs, 2 views); ``head`` overrides hyperparameters."""
     from edgead.training import fit_run
 
-    run_dir = tmp_path_factory.mktemp("runs") / "tinyglass"
     fit_run(
-        synthetic_dataset,
+        dataset,
         run_dir,
         model="tinyglass",
-        image_size=128,
+        image_size=image_size,
+        pretrained=pretrained,
         progress=False,
-        hyperparameters={"epochs": 4, "views": 2},
+        hyperparameters={"epochs": 4, "views": 2, **head},
     )
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tinyglass_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TinyGLASS run on the synthetic dataset, short but with the pretrained backbone."""
+    return fit_small_tinyglass(synthetic_dataset, tmp_path_factory.mktemp("runs") / "tinyglass")
 
 
 def require_shared_datasets() -> Path:

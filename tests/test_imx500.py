@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import fit_small_tinyglass
 
 from edgead.deploy.imx500 import HOME_ENV, SUMMARY_FILE, export_imx500, toolchain_available
 from edgead.errors import EdgeadError
@@ -18,19 +19,8 @@ from edgead.errors import EdgeadError
 @pytest.fixture(scope="module")
 def tiny_tinyglass_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A TinyGLASS run small enough to fit in seconds (random-init backbone, 64x64, one epoch)."""
-    from edgead.training import fit_run
-
     run_dir = tmp_path_factory.mktemp("imx500") / "tinyglass"
-    fit_run(
-        synthetic_dataset,
-        run_dir,
-        model="tinyglass",
-        image_size=64,
-        pretrained=False,
-        progress=False,
-        hyperparameters={"epochs": 1, "views": 1, "hidden": 16},
-    )
-    return run_dir
+    return fit_small_tinyglass(synthetic_dataset, run_dir, 64, pretrained=False, epochs=1, views=1, hidden=16)
 
 
 def test_missing_toolchain_says_how_to_install_it(

@@ -23,7 +23,6 @@ Column meanings (also written into the markdown report, see :data:`HARDWARE_NOTE
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import subprocess
@@ -38,7 +37,7 @@ import torch
 
 from edgead.deploy.budget import load_devices
 from edgead.errors import EdgeadError
-from edgead.reporting import _new_figure, _plain, _prepare
+from edgead.reporting import _prepare, new_figure, write_csv
 
 HARDWARE_CSV = "hardware_benchmark.csv"
 ACCURACY_PLOT = "accuracy_vs_latency.png"
@@ -213,13 +212,7 @@ def hardware_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_hardware_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
     """One line per (dataset, model, runtime); empty cells where a value is missing."""
-    path = _prepare(path)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=hardware_columns(), restval="", extrasaction="ignore")
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: _plain(v) for k, v in record.items()})
-    return path
+    return write_csv(path, records, hardware_columns())
 
 
 def save_accuracy_latency_plot(path: str | Path, records: list[dict[str, Any]]) -> Path:
@@ -240,7 +233,7 @@ def save_accuracy_latency_plot(path: str | Path, records: list[dict[str, Any]]) 
     legend_columns = 3 * columns
     legend_height = 0.3 + 0.25 * math.ceil((len(models) + len(runtimes) + 1) / legend_columns)  # inches
     height = 4 * panel_rows + legend_height
-    fig = _new_figure(5 * columns, height)
+    fig = new_figure(5 * columns, height)
     for k, (dataset, group) in enumerate(groups.items()):
         ax = fig.add_subplot(panel_rows, columns, k + 1)
         points = _points(group)

@@ -25,7 +25,7 @@ from .metrics import image_auroc, pixel_roc_curve, roc_curve_points
 SCORE_COLUMNS = ["path", "label", "defect_type", "score", "normalized_score", "decision"]
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -51,9 +51,14 @@ def write_scores_csv(path: str | Path, rows: list[dict]) -> Path:
     columns = list(SCORE_COLUMNS)
     for row in rows:
         columns += [key for key in row if key not in columns]
+    return write_csv(path, rows, columns)
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> Path:
+    """Rows as CSV with these columns (others ignored, missing ones empty); numpy values made plain."""
     path = _prepare(path)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _plain(v) for k, v in row.items()})
@@ -116,7 +121,7 @@ def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".3f") 
 
 
 def _save_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auc: float, title: str, what: str) -> Path:
-    fig = _new_figure(5, 5)
+    fig = new_figure(5, 5)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="chance")
     ax.plot(fpr, tpr, color="tab:red", linewidth=2, label=f"{what} AUROC = {auc:.3f}")
@@ -131,7 +136,7 @@ def _save_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auc: float, title: s
 
 
 def _save_message(path: Path, title: str, message: str) -> Path:
-    fig = _new_figure(5, 5)
+    fig = new_figure(5, 5)
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.set_title(title)
@@ -261,7 +266,7 @@ def save_heatmap_examples(
     paths = []
     for rank, (i, kind) in enumerate(_pick_examples(scores, labels, threshold, max_examples)):
         image = _to_rgb_uint8(images[i])
-        fig = _new_figure(12, 4.4)
+        fig = new_figure(12, 4.4)
         axes = fig.subplots(1, 3)
         name = f" ({names[i]})" if names is not None else ""
         axes[0].imshow(image)
