@@ -13,7 +13,7 @@ from test_cli import assert_clean_error, edgead
 
 from edgead.deploy.export import export_run
 from edgead.deploy.onnx_export import export_onnx, read_metadata, train_images, validation_images
-from edgead.deploy.quantize import quantize_onnxruntime
+from edgead.deploy.quantize import STAGE_NAME, float_scopes, quantize_onnxruntime, score_agreement
 from edgead.deploy.runtimes import load_inferencer
 from edgead.errors import EdgeadError
 from edgead.evaluation import evaluate_run
@@ -128,3 +128,33 @@ def test_tinyglass_int8_onnxruntime_and_openvino(tinyglass_run: Path, tmp_path: 
         expected = calibrate(scores, reference.config.threshold_quantile)
         assert int8.config.threshold == pytest.approx(expected["threshold"], rel=1e-4)
         assert "int8 model" in int8.config.extra["threshold_source"]
+        # ... and records how far its validation scores are from fp32's (same images, fp32 file's scores).
+        fp32_scores = reference.predict(torch.from_numpy(validation).permute(0, 3, 1, 2).float() / 255)[1]
+        spread = reference.config.threshold - reference.config.score_min
+        expected_error = np.mean(np.abs(scores - fp32_scores.numpy())) / spread
+        assert int8.config.extra["int8_score_error"] == pytest.approx(expected_error, rel=0.05, abs=1e-3)
+    assert "rank correlation" in onnx_report["onnx_int8_vs_fp32"]
+    assert "rank correlation" in ov_report["openvino_int8_vs_fp32"]
+
+
+def test_float_scopes_keep_all_but_the_deepest_backbone_stage(tinyglass_run: Path, tmp_path: Path):
+    exported = export_onnx(tinyglass_run, tmp_path / "model.onnx").path
+    stages = sorted(
+        {int(m.group(1)) for n in onnx.load(str(exported)).graph.node if (m := STAGE_NAME.search(n.name))}
+    )
+    scopes = float_scopes(exported)
+    assert {"/head/", "/postprocess/"} <= set(scopes)
+    assert [f"/backbone/stages.{i}/" for i in stages[:-1]] == [s for s in scopes if "backbone" in s]
+    config = load_inferencer(tinyglass_run).config
+    graph = onnx.load(str(quantize_onnxruntime(exported, tmp_path / "q.onnx", train_images(config, 4)))).graph
+    dequantized = {output for n in graph.node if n.op_type == "DequantizeLinear" for output in n.output}
+    int8_convs = [n.name for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantized]
+    assert int8_convs and all(f"/backbone/stages.{stages[-1]}/" in name for name in int8_convs)
+
+
+def test_score_agreement():
+    fp32 = np.array([0.1, 0.2, 0.3, 0.4])
+    assert score_agreement(fp32, fp32, spread=0.3) == {"int8_score_error": 0.0, "int8_rank_correlation": 1.0}
+    shifted = score_agreement(fp32, fp32 + 0.3, spread=0.3)
+    assert shifted["int8_score_error"] == pytest.approx(1.0) and shifted["int8_rank_correlation"] == 1.0
+    assert score_agreement(fp32, fp32[::-1], spread=0.3)["int8_rank_correlation"] == pytest.approx(-1.0)

@@ -87,7 +87,26 @@ def export_run(
                 onnx_path, out_dir / "model.int8.xml", images, validation=validation
             )
     report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
+    if validation is not None:
+        for key in ("onnx_int8", "openvino_int8"):
+            if key in report["files"]:
+                report[f"{key}_vs_fp32"] = int8_agreement(report["files"][key])
     return report
+
+
+INT8_ERROR_WARNING = 0.1  # of the normal score spread: beyond this, INT8 decisions differ visibly from fp32
+
+
+def int8_agreement(path: Path) -> str:
+    """One line on how closely an INT8 file's scores follow fp32 on the normal validation images."""
+    from edgead.deploy.runtimes import load_inferencer
+
+    extra = load_inferencer(path).config.extra
+    error, correlation = extra["int8_score_error"], extra["int8_rank_correlation"]
+    line = f"normal validation scores off by {error:.1%} of their spread, rank correlation {correlation:.3f}"
+    if error > INT8_ERROR_WARNING:
+        line += " (WARNING: INT8 changes the scores noticeably; compare with `edgead test` before deploying)"
+    return line
 
 
 def file_megabytes(path: str | Path) -> float:

@@ -7,21 +7,28 @@ activation ranges, and normal images are what a user has.
   are fastest with unsigned activations), MinMax calibration; convolutions (with their ReLU6) are quantized.
 - OpenVINO + NNCF: ``nncf.quantize`` on the OpenVINO model, saved as an IR (.xml + .bin).
 
-What runs in INT8 is the backbone after its first stage, where most of the compute is. Kept in float:
+What runs in INT8 is the deepest backbone stage the model uses (EfficientNet-Lite0's stride-16 stage for
+the default layers 2,3: most of the backbone's weights and the largest share of its INT8 speed-up). Kept in float:
 - the head and the postprocess: calibration sees normal images only, so the ranges of the head's outputs
   (patch scores, distances) would end at the normal maximum and clip every anomaly to the same value;
   PatchCore's |q|^2 - 2 q.m + |m|^2 would also lose the small distances to 8-bit rounding;
-- the backbone's first stage (stem + first block, 9% of EfficientNet-Lite0's MACs at 256x256): its outputs have
-  the widest per-tensor ranges, and its rounding error propagates through every later layer (the
-  usual first-layer exception of INT8 deployments);
+- the earlier backbone stages: their rounding error propagates through every later layer, and the
+  stride-8 stage's output is itself a head input. Quantizing them too moved the scores of the normal
+  validation images by up to 1.7x their spread (PaDiM, whose Mahalanobis distances amplify small
+  feature shifts) and image AUROC by up to 1.5 points; with them in float, the scores stay within 5%
+  (docs/results/deployment.md has the measurements of each choice).
 ReLU6 (Clip) is quantized together with its convolution, so that the conv's INT8 range is the
 activation's [0, 6], not the pre-activation range (a ~5x coarser step otherwise).
-docs/results/deployment.md has the accuracy of each choice.
+
+Every INT8 file also records how far its scores on the run's normal validation images are from the fp32
+model's (``int8_score_error``: mean absolute difference over the normal score spread, threshold - min;
+``int8_rank_correlation``): a label-free check a user can read before deploying.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -38,30 +45,61 @@ from edgead.deploy.onnx_export import (
 )
 from edgead.errors import EdgeadError
 
-KEEP_FLOAT = ("/head/", "/postprocess/", "/backbone/stages.0/")  # node-name parts of ops kept in float
+HEAD_SCOPES = ("/head/", "/postprocess/")  # node-name parts of ops that always stay in float
+STAGE_NAME = re.compile(r"/backbone/stages\.(\d+)/")
+
+
+def float_scopes(model_path: str | Path) -> tuple[str, ...]:
+    """Node-name parts of the ops kept in float: head, postprocess and every backbone stage but the deepest."""
+    import onnx
+
+    stages = {
+        int(m.group(1)) for n in onnx.load(str(model_path)).graph.node if (m := STAGE_NAME.search(n.name))
+    }
+    earlier = sorted(stages)[:-1]
+    return HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in earlier)
 
 
 def _input_dtype(metadata: dict[str, str]) -> str:
     return "uint8" if metadata.get("input_format", "").startswith("uint8") else "float32"
 
 
-def recalibrated_metadata(metadata: dict[str, str], scores: np.ndarray, images: int) -> dict[str, str]:
-    """The metadata with the INT8 model's own threshold and score range, from its scores on the run's
-    normal validation images (the images the fp32 threshold came from; never test images).
+def score_agreement(fp32: np.ndarray, int8: np.ndarray, spread: float) -> dict[str, float]:
+    """How far INT8 scores are from fp32 on the same normal images: mean |difference| over ``spread``
+    (the normal score range, threshold - min) and the Spearman rank correlation."""
+    fp32, int8 = np.asarray(fp32, np.float64).ravel(), np.asarray(int8, np.float64).ravel()
+    error = float(np.mean(np.abs(int8 - fp32)) / max(spread, 1e-12))
+    ranks = [np.argsort(np.argsort(s)) for s in (fp32, int8)]
+    correlation = float(np.corrcoef(*ranks)[0, 1]) if len(fp32) > 1 and np.ptp(fp32) > 0 else 1.0
+    return {"int8_score_error": round(error, 4), "int8_rank_correlation": round(correlation, 4)}
+
+
+def recalibrated_metadata(
+    model_path: str | Path, metadata: dict[str, str], validation: np.ndarray, scores: np.ndarray
+) -> dict[str, str]:
+    """The metadata with the INT8 model's own threshold and score range, from its ``scores`` on the run's
+    normal ``validation`` images (the images the fp32 threshold came from; never test images), and its
+    agreement with the fp32 model ``model_path`` on them.
 
     INT8 shifts the scores slightly; keeping the fp32 threshold would flag more or fewer normal parts.
     """
+    import onnxruntime as ort
+
     from edgead.training import calibrate
 
     config = json.loads(metadata[CONFIG_KEY])
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    fp32 = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: to_input(validation, _input_dtype(metadata))})[0]
+    agreement = score_agreement(fp32, scores, float(config["threshold"]) - float(config["score_min"]))
     calibration = calibrate(np.asarray(scores, dtype=np.float64), float(config["threshold_quantile"]))
     config.update(calibration)
-    config.setdefault("extra", {})["threshold_source"] = f"int8 model on {images} normal validation images"
+    source = f"int8 model on {len(validation)} normal validation images"
+    config.setdefault("extra", {}).update(threshold_source=source, **agreement)
     return {
         **metadata,
-        **{key: repr(value) for key, value in calibration.items()},
+        **{key: repr(value) for key, value in {**calibration, **agreement}.items()},
         CONFIG_KEY: json.dumps(config),
-        "threshold_source": config["extra"]["threshold_source"],
+        "threshold_source": source,
     }
 
 
@@ -74,12 +112,12 @@ def quantize_onnxruntime(
     model_path: str | Path,
     out_path: str | Path,
     calibration: np.ndarray,
-    keep_float: tuple[str, ...] = KEEP_FLOAT,
+    keep_float: tuple[str, ...] | None = None,
     validation: np.ndarray | None = None,
 ) -> Path:
     """INT8 QDQ model for ONNX Runtime; ``calibration`` is uint8 NHWC normal images.
 
-    Nodes whose name contains one of ``keep_float`` stay in float. With ``validation`` (the run's normal
+    Nodes whose name contains one of ``keep_float`` (default: :func:`float_scopes`) stay in float. With ``validation`` (the run's normal
     validation images, uint8 NHWC), the threshold is re-derived from the INT8 model's own scores.
     """
     import onnx
@@ -104,6 +142,7 @@ def quantize_onnxruntime(
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
         nodes = onnx.load(str(prepared)).graph.node
+        keep_float = float_scopes(model_path) if keep_float is None else keep_float
         excluded = [n.name for n in nodes if any(part in n.name for part in keep_float)]
         quantize_static(
             str(prepared),
@@ -124,7 +163,7 @@ def quantize_onnxruntime(
 
         session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
         scores = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: to_input(validation, _input_dtype(metadata))})[0]
-        metadata = recalibrated_metadata(metadata, scores, len(validation))
+        metadata = recalibrated_metadata(model_path, metadata, validation, scores)
     write_metadata(out_path, metadata)
     return out_path
 
@@ -152,16 +191,17 @@ def quantize_openvino(
         model,
         nncf.Dataset([inputs[i : i + 1] for i in range(len(inputs))]),
         subset_size=len(inputs),
-        ignored_scope=nncf.IgnoredScope(patterns=[f".*{part}.*" for part in KEEP_FLOAT], validate=False),
+        ignored_scope=nncf.IgnoredScope(
+            patterns=[f".*{re.escape(part)}.*" for part in float_scopes(model_path)], validate=False
+        ),
     )
-    _drop_quantizers_in(quantized, ("/head/", "/postprocess/"))
+    _drop_quantizers_in(quantized, HEAD_SCOPES)
     metadata["quantization"] = f"int8 openvino nncf, {len(inputs)} images"
     if validation is not None and len(validation):
         compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(to_input(validation, _input_dtype(metadata)))
-        metadata = recalibrated_metadata(
-            metadata, np.asarray(result[compiled.output(OUTPUT_NAMES[1])]), len(validation)
-        )
+        scores = np.asarray(result[compiled.output(OUTPUT_NAMES[1])])
+        metadata = recalibrated_metadata(model_path, metadata, validation, scores)
     quantized.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(out_path), compress_to_fp16=False)
