@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edgead.models import Padim, PatchCore, create_head
 from edgead.models.patchcore import NearestNeighbourIndex, greedy_coreset
@@ -70,6 +71,23 @@ def test_unfitted_head_and_bad_hyperparameters():
         create_head("nope")
     with pytest.raises(EdgeadError, match="bad hyperparameters"):
         create_head("padim", coreset_ratio=0.1)
+
+
+def reference_postprocess(patch_scores: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
+    """Upsample then blur, written out as two separable reflect-padded convolutions."""
+    kernel = gaussian_kernel1d(sigma)
+    r = kernel.numel() // 2
+    amap = F.interpolate(patch_scores, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    amap = F.conv2d(F.pad(amap, (r, r, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(amap, (0, 0, r, r), mode="reflect"), kernel.view(1, 1, -1, 1))
+
+
+def test_postprocess_matrices_equal_upsampling_then_blurring():
+    scores = torch.rand(3, 1, 32, 32)
+    post = Postprocess(image_size=256, sigma=4.0)
+    assert torch.allclose(post(scores), reference_postprocess(scores, 256, 4.0), atol=1e-6)
+    wide = torch.rand(1, 1, 8, 12)  # non-square grids use one matrix per axis
+    assert post(wide).shape == (1, 1, 256, 256)
 
 
 def test_postprocess_upsamples_and_blurs_without_losing_mass():

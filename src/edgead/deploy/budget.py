@@ -161,7 +161,7 @@ def peak_activations(pipeline: Pipeline, image_size: int | None = None) -> dict[
     pipeline.head.check_fitted()
     post = pipeline.postprocess
     if size != pipeline.image_size:
-        post = Postprocess(size, sigma=pipeline.postprocess.sigma)
+        post = Postprocess(size, sigma=pipeline.postprocess.sigma, grid=size // pipeline.backbone.stride)
     constants = {t.untyped_storage().data_ptr() for t in [*pipeline.parameters(), *pipeline.buffers()]}
     constants |= {t.untyped_storage().data_ptr() for t in post.buffers()}
     trace = _ActivationTrace(constants)

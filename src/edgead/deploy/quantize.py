@@ -192,7 +192,10 @@ def quantize_openvino(
         nncf.Dataset([inputs[i : i + 1] for i in range(len(inputs))]),
         subset_size=len(inputs),
         ignored_scope=nncf.IgnoredScope(
-            patterns=[f".*{re.escape(part)}.*" for part in float_scopes(model_path)], validate=False
+            # OpenVINO renames the ops that produce the graph outputs after those outputs
+            patterns=[f".*{re.escape(part)}.*" for part in float_scopes(model_path)]
+            + [f"^{re.escape(name)}$" for name in OUTPUT_NAMES],
+            validate=False,
         ),
     )
     _drop_quantizers_in(quantized, HEAD_SCOPES)

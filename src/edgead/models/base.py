@@ -96,7 +96,7 @@ class Pipeline(nn.Module):
         self.image_size = int(image_size)
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
-        self.postprocess = Postprocess(image_size, sigma=blur_sigma)
+        self.postprocess = Postprocess(image_size, sigma=blur_sigma, grid=self.image_size // backbone.stride)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
