@@ -157,3 +157,11 @@ def test_score_agreement():
     shifted = score_agreement(fp32, fp32 + 0.3, spread=0.3)
     assert shifted["int8_score_error"] == pytest.approx(1.0) and shifted["int8_rank_correlation"] == 1.0
     assert score_agreement(fp32, fp32[::-1], spread=0.3)["int8_rank_correlation"] == pytest.approx(-1.0)
+
+
+def test_tinyglass_head_exports_as_one_convolution_before_its_activation(tinyglass_run: Path, tmp_path: Path):
+    # standardise -> adaptor -> first discriminator conv are affine in a row: folded into one Conv
+    result = export_onnx(tinyglass_run, tmp_path / "model.onnx")
+    head = [n.op_type for n in onnx.load(str(result.path)).graph.node if "/head/" in n.name]
+    assert head == ["Conv", "LeakyRelu", "Conv", "Sigmoid"]
+    assert result.max_abs_diff_map < 1e-4 and result.max_abs_diff_score < 1e-4  # same maps as torch

@@ -208,6 +208,7 @@ def simplify_graph(path: Path) -> int:
         merged.append(pad)
     for pad in merged:
         graph.node.remove(pad)
+    fold_affine_into_convs(graph)
     used = {name for node in graph.node for name in node.input}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
@@ -216,6 +217,79 @@ def simplify_graph(path: Path) -> int:
         model.opset_import.remove(opset)  # ORT declares its own domains even where no node uses them
     onnx.save(model, str(path))
     return len(merged)
+
+
+def _is_pointwise_conv(node, constants: dict[str, np.ndarray]) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped Conv with constant weights (and bias): a matrix product."""
+    if (
+        node.op_type != "Conv"
+        or node.input[1] not in constants
+        or constants[node.input[1]].shape[2:] != (1, 1)
+    ):
+        return False
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in constants:
+        return False
+    attributes = {a.name: (list(a.ints) or a.i) for a in node.attribute}
+    return (
+        attributes.get("group", 1) in (0, 1)
+        and all(v == 1 for v in attributes.get("strides", [1, 1]))
+        and all(v == 1 for v in attributes.get("dilations", [1, 1]))
+        and not any(attributes.get("pads", [0, 0, 0, 0]))
+        and attributes.get("auto_pad", 0) in (0, b"NOTSET", b"")
+    )
+
+
+def fold_affine_into_convs(graph) -> int:
+    """Fold per-channel Sub/Div by constants and 1x1 Conv chains into the 1x1 Conv that reads them.
+
+    ``(x - mean) / std -> adaptor -> discriminator conv`` (TinyGLASS's head) is three affine maps in a
+    row: one convolution with ``W = W2 @ W1 / std`` and ``b = W2 @ (b1 - W1 @ (mean / std)) + b2`` computes
+    the same values with one pass over the feature map instead of four. Returns the nodes folded.
+    """
+    from onnx import numpy_helper
+
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    folded = []
+    for conv in [n for n in graph.node if _is_pointwise_conv(n, constants)]:
+        weight = constants[conv.input[1]][:, :, 0, 0].astype(np.float64)
+        bias = constants[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else None
+        bias = np.zeros(len(weight)) if bias is None else bias
+        changed = False
+        while True:
+            source = producers.get(conv.input[0])
+            if source is None or readers.get(conv.input[0], 0) != 1 or conv.input[0] in outputs:
+                break
+            operand = constants.get(source.input[1]) if len(source.input) > 1 else None
+            per_channel = operand is not None and operand.shape == (1, weight.shape[1], 1, 1)
+            if _is_pointwise_conv(source, constants):
+                inner = constants[source.input[1]][:, :, 0, 0].astype(np.float64)
+                inner_bias = constants[source.input[2]] if len(source.input) > 2 and source.input[2] else 0.0
+                bias, weight = weight @ (np.zeros(len(inner)) + inner_bias) + bias, weight @ inner
+            elif source.op_type == "Div" and per_channel and source.input[0] not in constants:
+                weight = weight / operand.reshape(1, -1)
+            elif source.op_type == "Sub" and per_channel and source.input[0] not in constants:
+                bias = bias - weight @ operand.reshape(-1)
+            else:
+                break
+            conv.input[0] = source.input[0]
+            folded.append(source)
+            changed = True
+        if changed:
+            for suffix, value in (("weight", weight[:, :, None, None]), ("bias", bias)):
+                name = f"{conv.name}/folded_{suffix}"
+                graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+                constants[name] = value
+            del conv.input[1:]
+            conv.input.extend([f"{conv.name}/folded_weight", f"{conv.name}/folded_bias"])
+    for node in folded:
+        graph.node.remove(node)
+    return len(folded)
 
 
 def export_onnx(
