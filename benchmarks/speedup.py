@@ -2,7 +2,11 @@
 
 Sequential timings on a shared 2-core VM drift by tens of percent between minutes, which is as large as
 the effect being measured. Here each round times every runtime on the same images one after the other,
-and the ratio is taken per round, so drift cancels out. Writes a markdown table to --out.
+and the ratio is taken per round, so drift cancels out. Each runtime is timed alone in a fresh process
+(`edgead.hardware.measure_in_fresh_process`): with all five loaded in one process, the worker threads
+of the runtime that ran before keep spinning for a while after it returns (measured: ONNX Runtime INT8
+took 3.4 ms per image right after PyTorch had run, 2.4 ms alone), which on 2 cores charges one runtime
+for another's threads. Writes a markdown table to --out.
 
     .venv/bin/python benchmarks/speedup.py runs/deployment/tinyglass_default_bottle --rounds 7
 """
@@ -18,7 +22,7 @@ import torch
 
 from edgead.deploy.onnx_export import train_images
 from edgead.deploy.runtimes import load_inferencer
-from edgead.latency import measure_end_to_end
+from edgead.hardware import measure_in_fresh_process
 from edgead.reporting import markdown_table, results_header
 
 
@@ -31,19 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     export = args.run / "export"
-    models = {
-        "torch fp32 (eager)": load_inferencer(args.run, "torch"),
-        "onnxruntime fp32": load_inferencer(export / "model.onnx", "onnxruntime"),
-        "onnxruntime INT8": load_inferencer(export / "model.int8.onnx", "onnxruntime"),
-        "openvino fp32": load_inferencer(export / "model.onnx", "openvino"),
-        "openvino INT8": load_inferencer(export / "model.int8.xml", "openvino"),
+    models = {  # name: (path, runtime)
+        "torch fp32 (eager)": (args.run, "torch"),
+        "onnxruntime fp32": (export / "model.onnx", "onnxruntime"),
+        "onnxruntime INT8": (export / "model.int8.onnx", "onnxruntime"),
+        "openvino fp32": (export / "model.onnx", "openvino"),
+        "openvino INT8": (export / "model.int8.xml", "openvino"),
     }
-    config = models["torch fp32 (eager)"].config
+    config = load_inferencer(args.run, "torch").config
     images = torch.from_numpy(train_images(config, args.images)).permute(0, 3, 1, 2).float() / 255
     p50: dict[str, list[float]] = {name: [] for name in models}
     for round_index in range(args.rounds):
-        for name, model in models.items():
-            p50[name].append(measure_end_to_end(model, images)["p50_ms"])
+        for name, (path, runtime) in models.items():
+            p50[name].append(measure_in_fresh_process(path, runtime, images)["p50_ms"])
         print(round_index, {k: round(v[-1], 2) for k, v in p50.items()}, flush=True)
     torch_times = p50["torch fp32 (eager)"]
     rows = [
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         *results_header(f"Speed-up over PyTorch eager, interleaved rounds: {args.run.name}", command),
         f"- {args.rounds} rounds; in each, every runtime is timed on the same {args.images} train/good images "
         "at batch 1 (median ms per image, after warm-up, `edgead.latency.measure_end_to_end`), one runtime "
-        f"after the other; speed-up = torch p50 / runtime p50 within a round. {torch.get_num_threads()} threads "
+        "after the other, each alone in a fresh process (so that no other runtime's worker threads compete "
+        f"for the cores); speed-up = torch p50 / runtime p50 within a round. {torch.get_num_threads()} threads "
         "for every runtime.",
         "",
         markdown_table(rows, list(rows[0])),

@@ -1,0 +1,78 @@
+"""Which backbone stages to keep in float for INT8: score error on normal validation images vs AUROC change.
+
+For each run and each candidate float scope, quantizes the run's exported ``export/model.onnx`` with
+ONNX Runtime (64 train/good calibration images, as `edgead export --int8`) and reports
+- the label-free check: mean |INT8 - fp32| score on the run's normal validation images, over their
+  spread (0.99 quantile - min), and the rank correlation of those scores;
+- the image AUROC change on the test set (what the deployment target is stated in).
+
+    python benchmarks/int8_scope.py runs/deployment/tinyglass_default_bottle runs/deployment/padim_default_bottle
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgead.data.datasets import open_dataset
+from edgead.data.images import load_rgb, resize_image
+from edgead.deploy.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    config_from_metadata,
+    read_metadata,
+    to_input,
+    train_images,
+    validation_images,
+)
+from edgead.deploy.quantize import HEAD_SCOPES, quantize_onnxruntime
+from edgead.metrics import image_auroc
+
+SCOPES = {  # backbone stages kept in float, besides the head and postprocess
+    "stage 0": (0,),
+    "stages 0-1": (0, 1),
+    "stages 0-2 (default)": (0, 1, 2),
+}
+
+
+def scores(path: Path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batches = [to_input(images[i : i + 8], "uint8") for i in range(0, len(images), 8)]
+    return np.concatenate([session.run([OUTPUT_NAMES[1]], {INPUT_NAME: b})[0] for b in batches]).ravel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path)
+    args = parser.parse_args()
+    print("| run | float stages | score error (val) | rank correlation (val) | test image AUROC change |")
+    print("|---|---|---:|---:|---:|")
+    for run in args.runs:
+        model = run / "export" / "model.onnx"
+        config = config_from_metadata(read_metadata(model), model)
+        calibration, validation = train_images(config, 64), validation_images(config)
+        data = open_dataset(config.extra["dataset"])
+        test = np.stack([resize_image(load_rgb(s.path), config.image_size) for s in data.test])
+        labels = np.array([s.label for s in data.test])
+        fp32_val, fp32_test = scores(model, validation), scores(model, test)
+        spread = float(np.quantile(fp32_val, 0.99) - fp32_val.min())
+        for name, stages in SCOPES.items():
+            keep = HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in stages)
+            with tempfile.TemporaryDirectory() as tmp:
+                quantized = quantize_onnxruntime(model, Path(tmp) / "q.onnx", calibration, keep_float=keep)
+                val, tst = scores(quantized, validation), scores(quantized, test)
+            error = np.mean(np.abs(val - fp32_val)) / spread
+            ranks = [np.argsort(np.argsort(v)) for v in (fp32_val, val)]
+            rho = np.corrcoef(*ranks)[0, 1]
+            change = 100 * (image_auroc(labels, tst) - image_auroc(labels, fp32_test))
+            print(f"| {run.name} | {name} | {error:.3f} | {rho:.3f} | {change:+.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
