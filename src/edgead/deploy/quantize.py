@@ -49,15 +49,61 @@ HEAD_SCOPES = ("/head/", "/postprocess/")  # node-name parts of ops that always 
 STAGE_NAME = re.compile(r"/backbone/stages\.(\d+)/")
 
 
-def float_scopes(model_path: str | Path) -> tuple[str, ...]:
-    """Node-name parts of the ops kept in float: head, postprocess and every backbone stage but the deepest."""
+def int8_scope(model_path: str | Path) -> str:
+    """Node-name part of the one stage that runs in INT8: the deepest backbone stage in the graph."""
     import onnx
 
     stages = {
         int(m.group(1)) for n in onnx.load(str(model_path)).graph.node if (m := STAGE_NAME.search(n.name))
     }
-    earlier = sorted(stages)[:-1]
-    return HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in earlier)
+    if not stages:
+        raise EdgeadError(f"{model_path} has no /backbone/stages.N/ nodes to quantize")
+    return f"/backbone/stages.{max(stages)}/"
+
+
+def float_scopes(model_path: str | Path) -> tuple[str, ...]:
+    """Node-name parts of the ops kept in float: head, postprocess and every backbone stage but the deepest."""
+    deepest = int(STAGE_NAME.search(int8_scope(model_path)).group(1))
+    return HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in range(deepest))
+
+
+def _runs_in_float(name: str, keep_float: tuple[str, ...]) -> bool:
+    """Whether the op named ``name`` stays in float: inside a float scope, or outside the backbone stages."""
+    return any(part in name for part in keep_float) or "/backbone/stages." not in name
+
+
+def _float_readers_onnx(path: Path, keep_float: tuple[str, ...]) -> None:
+    """Ops that stay in float read the float tensor, not its quantize-dequantize copy.
+
+    A tensor quantized for its INT8 reader is shared: the quantizer points every reader at the
+    dequantized copy, so the stride-8 features that go straight to the head would be INT8-rounded too.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    quantize_inputs = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    float_of = {
+        n.output[0]: quantize_inputs[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in quantize_inputs
+    }
+    for node in model.graph.node:
+        if not _runs_in_float(node.name, keep_float) or node.op_type in (
+            "QuantizeLinear",
+            "DequantizeLinear",
+        ):
+            continue
+        for i, name in enumerate(node.input):
+            if name in float_of:
+                node.input[i] = float_of[name]
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    dead = True
+    while dead:  # drop quantize/dequantize pairs nobody reads any more
+        dead = [n for n in model.graph.node if n.op_type.endswith("Linear") and n.output[0] not in used]
+        for n in dead:
+            model.graph.node.remove(n)
+        used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    onnx.save(model, str(path))
 
 
 def _input_dtype(metadata: dict[str, str]) -> str:
@@ -155,6 +201,7 @@ def quantize_onnxruntime(
             op_types_to_quantize=["Conv", "Clip", "Relu"],  # activations fold into the conv ranges
             nodes_to_exclude=excluded,
         )
+    _float_readers_onnx(out_path, keep_float)
     metadata["quantization"] = (
         f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images"
     )
@@ -198,7 +245,7 @@ def quantize_openvino(
             validate=False,
         ),
     )
-    _drop_quantizers_in(quantized, HEAD_SCOPES)
+    _float_readers_openvino(quantized, float_scopes(model_path))
     metadata["quantization"] = f"int8 openvino nncf, {len(inputs)} images"
     if validation is not None and len(validation):
         compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -211,16 +258,19 @@ def quantize_openvino(
     return out_path
 
 
-def _drop_quantizers_in(model, scopes: tuple[str, ...]) -> None:
-    """Remove FakeQuantize nodes that NNCF placed on outputs inside ``scopes``.
+def _float_readers_openvino(model, keep_float: tuple[str, ...]) -> None:
+    """Ops that stay in float read the float tensor, not NNCF's FakeQuantize of it.
 
-    NNCF skips the ignored ops themselves but can still quantize a tensor between two of them (seen:
-    the blurred anomaly map between the two blur convolutions), which clips anomaly scores to the
-    normal calibration range.
+    NNCF skips the ignored ops themselves but still quantizes tensors they read when an INT8 op reads
+    them too (seen: stage 2's output, which is both the INT8 stage's input and the head's stride-8
+    features) or when they sit between two ignored ops (the anomaly map between the blur passes).
     """
     for op in model.get_ops():
-        if op.get_type_name() == "FakeQuantize" and any(s in op.get_friendly_name() for s in scopes):
-            op.output(0).replace(op.input_value(0))
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        for reader in op.output(0).get_target_inputs():
+            if _runs_in_float(reader.get_node().get_friendly_name(), keep_float):
+                reader.replace_source_output(op.input_value(0))
     model.validate_nodes_and_infer_types()
 
 
