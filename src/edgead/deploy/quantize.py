@@ -14,9 +14,10 @@ the default layers 2,3: most of the backbone's weights and the largest share of 
   PatchCore's |q|^2 - 2 q.m + |m|^2 would also lose the small distances to 8-bit rounding;
 - the earlier backbone stages: their rounding error propagates through every later layer, and the
   stride-8 stage's output is itself a head input. Quantizing them too moved the scores of the normal
-  validation images by up to 1.7x their spread (PaDiM, whose Mahalanobis distances amplify small
-  feature shifts) and image AUROC by up to 1.5 points; with them in float, the scores stay within 5%
-  (docs/results/deployment.md has the measurements of each choice).
+  validation images by up to 3.4x their spread (PaDiM, whose Mahalanobis distances amplify small
+  feature shifts); with them in float, the error is 1-5% on every benchmark run
+  (docs/results/int8_scope.md). Ops kept in float also read float tensors: a tensor quantized for its
+  INT8 reader is not handed to its float readers as the rounded copy.
 ReLU6 (Clip) is quantized together with its convolution, so that the conv's INT8 range is the
 activation's [0, 6], not the pre-activation range (a ~5x coarser step otherwise).
 
