@@ -29,7 +29,7 @@ from edgead.deploy.onnx_export import (
     train_images,
     validation_images,
 )
-from edgead.deploy.quantize import HEAD_SCOPES, quantize_onnxruntime
+from edgead.deploy.quantize import HEAD_SCOPES, quantize_onnxruntime, score_agreement
 from edgead.metrics import image_auroc
 
 SCOPES = {  # backbone stages kept in float, besides the head and postprocess
@@ -67,9 +67,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 quantized = quantize_onnxruntime(model, Path(tmp) / "q.onnx", calibration, keep_float=keep)
                 val, tst = scores(quantized, validation), scores(quantized, test)
-            error = np.mean(np.abs(val - fp32_val)) / spread
-            ranks = [np.argsort(np.argsort(v)) for v in (fp32_val, val)]
-            rho = np.corrcoef(*ranks)[0, 1]
+            agreement = score_agreement(fp32_val, val, spread)
+            error, rho = agreement["int8_score_error"], agreement["int8_rank_correlation"]
             change = 100 * (image_auroc(labels, tst) - image_auroc(labels, fp32_test))
             print(f"| {run.name} | {name} | {error:.3f} | {rho:.3f} | {change:+.1f} |", flush=True)
 

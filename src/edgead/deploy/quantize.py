@@ -97,13 +97,13 @@ def _float_readers_onnx(path: Path, keep_float: tuple[str, ...]) -> None:
         for i, name in enumerate(node.input):
             if name in float_of:
                 node.input[i] = float_of[name]
-    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
-    dead = True
-    while dead:  # drop quantize/dequantize pairs nobody reads any more
-        dead = [n for n in model.graph.node if n.op_type.endswith("Linear") and n.output[0] not in used]
-        for n in dead:
-            model.graph.node.remove(n)
+    while True:  # drop the quantize/dequantize pairs nobody reads any more
         used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if n.op_type.endswith("Linear") and n.output[0] not in used]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
     onnx.save(model, str(path))
 
 
