@@ -43,6 +43,14 @@ def build_cache(dataset: str, path: Path, hyperparameters: dict) -> dict:
     return cache
 
 
+def load_cache(dataset: str, path: Path | None, hyperparameters: dict) -> dict:
+    """The cached features at ``path`` (default /tmp/tinyglass_ablation_<category>.pt), built if missing."""
+    path = path or Path("/tmp") / f"tinyglass_ablation_{Path(dataset).name}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    return build_cache(dataset, path, hyperparameters)
+
+
 def run_variant(cache: dict, variant: dict) -> dict:
     variant = dict(variant)
     use_las = variant.pop("las", True)
@@ -93,11 +101,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per variant here")
     args = parser.parse_args()
-    cache_path = args.cache or Path("/tmp") / f"tinyglass_ablation_{Path(args.dataset).name}.pt"
-    if cache_path.is_file():
-        cache = torch.load(cache_path, weights_only=True)
-    else:
-        cache = build_cache(args.dataset, cache_path, json.loads(args.cache_settings))
+    cache = load_cache(args.dataset, args.cache, json.loads(args.cache_settings))
     for text in args.variants:
         result = {"dataset": Path(args.dataset).name, **run_variant(cache, json.loads(text))}
         print(json.dumps(result), flush=True)
