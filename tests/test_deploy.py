@@ -170,3 +170,28 @@ def test_tinyglass_head_exports_as_one_convolution_before_its_activation(tinygla
     head = [n.op_type for n in onnx.load(str(result.path)).graph.node if "/head/" in n.name]
     assert head == ["Conv", "LeakyRelu", "Conv", "Sigmoid"]
     assert result.max_abs_diff_map < 1e-4 and result.max_abs_diff_score < 1e-4  # same maps as torch
+
+
+def test_a_float_conv_after_an_int8_activation_still_reads_the_clipped_tensor(
+    tinyglass_run: Path, tmp_path: Path
+):
+    # ONNX Runtime drops quantized Clips (the INT8 range clips instead); a float reader would get the
+    # unclipped tensor unless the Clip stays in float with it.
+    exported = export_onnx(tinyglass_run, tmp_path / "model.onnx").path
+    deepest = [
+        n for n in onnx.load(str(exported)).graph.node if f"/backbone/stages.{max_stage(exported)}/" in n.name
+    ]
+    clipped = {n.output[0] for n in deepest if n.op_type == "Clip"}
+    conv = next(n for n in deepest if n.op_type == "Conv" and n.input[0] in clipped)
+    config = load_inferencer(tinyglass_run).config
+    keep = float_scopes(exported) + (conv.name,)
+    graph = onnx.load(
+        str(quantize_onnxruntime(exported, tmp_path / "q.onnx", train_images(config, 4), keep))
+    ).graph
+    producer = {output: n for n in graph.node for output in n.output}
+    float_conv = next(n for n in graph.node if n.name == conv.name)
+    assert producer[float_conv.input[0]].op_type == "Clip"
+
+
+def max_stage(path: Path) -> int:
+    return max(int(m.group(1)) for n in onnx.load(str(path)).graph.node if (m := STAGE_NAME.search(n.name)))

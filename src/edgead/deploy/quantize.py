@@ -107,6 +107,26 @@ def _float_readers_onnx(path: Path, keep_float: tuple[str, ...]) -> None:
     onnx.save(model, str(path))
 
 
+def _activations_read_in_float(nodes, excluded: set[str]) -> list[str]:
+    """Clip/Relu nodes whose every reader stays in float: they must stay in float too.
+
+    ONNX Runtime's QDQ quantizer drops a quantized activation and lets the quantization range do the
+    clipping; a float reader of it would then get the unclipped tensor.
+    """
+    readers: dict[str, list[str]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    return [
+        n.name
+        for n in nodes
+        if n.op_type in ("Clip", "Relu")
+        and n.name not in excluded
+        and readers.get(n.output[0])
+        and all(reader in excluded for reader in readers[n.output[0]])
+    ]
+
+
 def _input_dtype(metadata: dict[str, str]) -> str:
     return "uint8" if metadata.get("input_format", "").startswith("uint8") else "float32"
 
@@ -191,6 +211,7 @@ def quantize_onnxruntime(
         nodes = onnx.load(str(prepared)).graph.node
         keep_float = float_scopes(model_path) if keep_float is None else keep_float
         excluded = [n.name for n in nodes if any(part in n.name for part in keep_float)]
+        excluded += _activations_read_in_float(nodes, set(excluded))
         quantize_static(
             str(prepared),
             str(out_path),
