@@ -43,6 +43,14 @@ def build_cache(dataset: str, path: Path, hyperparameters: dict) -> dict:
     return cache
 
 
+def report(result: dict, out: Path | None) -> None:
+    """Print one JSON line, and append it to ``out`` when given."""
+    print(json.dumps(result), flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
 def load_cache(dataset: str, path: Path | None, hyperparameters: dict) -> dict:
     """The cached features at ``path`` (default /tmp/tinyglass_ablation_<category>.pt), built if missing."""
     path = path or Path("/tmp") / f"tinyglass_ablation_{Path(dataset).name}.pt"
@@ -103,11 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     cache = load_cache(args.dataset, args.cache, json.loads(args.cache_settings))
     for text in args.variants:
-        result = {"dataset": Path(args.dataset).name, **run_variant(cache, json.loads(text))}
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+        report({"dataset": Path(args.dataset).name, **run_variant(cache, json.loads(text))}, args.out)
 
 
 if __name__ == "__main__":

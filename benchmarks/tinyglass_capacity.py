@@ -16,13 +16,12 @@ every epoch on purpose: it is a diagnosis, never a way to pick settings.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tinyglass_ablation import load_cache
+from tinyglass_ablation import load_cache, report
 from torch import nn
 
 from edgead.metrics import image_auroc
@@ -141,10 +140,7 @@ def main() -> None:
             "student_test_auroc_max": max(curve),
             "student_test_auroc_by_epoch": curve,
         }
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+        report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,16 @@ def test_tinyglass_learns_synthetic_defects(synthetic_dataset: Path, tmp_path: P
     loaded, _ = load_run(tmp_path / "run")
     images = torch.rand(2, 3, 128, 128)
     assert torch.allclose(loaded.predict(images)[0], pipeline.predict(images)[0])
+
+
+def test_views_are_augmented_only_when_asked(synthetic_dataset: Path):
+    from edgead.data.datasets import open_dataset
+
+    samples = open_dataset(synthetic_dataset).train[:3]
+    for augment in (True, False):
+        pipeline = create_pipeline("tinyglass", pretrained=False, image_size=64, views=2, augment=augment)
+        normal, synthetic, masks = pipeline.head._cache_views(pipeline, samples, progress=False)
+        assert normal.shape[0] == synthetic.shape[0] == masks.shape[0] == 6  # view-major: 2 views x 3
+        same_normal = torch.equal(normal[:3], normal[3:])
+        assert same_normal is not augment  # fixed seed: some of 3 images get augmented
+        assert not torch.equal(synthetic[:3], synthetic[3:])  # each view draws its own LAS

@@ -69,6 +69,7 @@ class TinyGlass(TrainableHead):
         hidden: int = 256,
         epochs: int = 30,
         views: int = 4,
+        augment: bool = True,
         batch_size: int = 8,
         patches_per_image: int = 256,
         lr_adaptor: float = 1e-4,
@@ -92,6 +93,7 @@ class TinyGlass(TrainableHead):
         self.hidden = hidden
         self.epochs = epochs
         self.views = views
+        self.augment = augment
         self.batch_size = batch_size
         self.patches_per_image = patches_per_image
         self.lr_adaptor = lr_adaptor
@@ -112,7 +114,7 @@ class TinyGlass(TrainableHead):
 
     def hyperparameters(self) -> dict[str, Any]:
         names = (
-            "in_channels hidden epochs views batch_size patches_per_image lr_adaptor lr_discriminator gas "
+            "in_channels hidden epochs views augment batch_size patches_per_image lr_adaptor lr_discriminator gas "
             "noise_std gas_steps gas_step_size radius radius_quantile use_foreground hard_mining seed"
         ).split()
         return {name: getattr(self, name) for name in names}
@@ -195,10 +197,12 @@ class TinyGlass(TrainableHead):
         return [resize_image(load_rgb(s.path), size) for s in progress_bar(samples, "load images", progress)]
 
     def _cache_views(self, pipeline: Pipeline, samples: list[Sample], progress: bool):
-        """Training cache: ``views`` augmented views of each training image and their LAS versions."""
+        """Training cache: ``views`` views of each training image (augmented unless ``augment`` is off) and
+        their LAS versions. Without augmentation the views differ only in their LAS, as in GLASS's own
+        MVTec runs, which augment the textures but not the normal images."""
         images = self._load_images(pipeline, samples, progress)
         rng = np.random.default_rng(self.seed)
-        return self._synthesise(pipeline, images, self.views, rng, augment=True, progress=progress)
+        return self._synthesise(pipeline, images, self.views, rng, augment=self.augment, progress=progress)
 
     def _selection_set(self, pipeline: Pipeline, samples: list[Sample], progress: bool):
         """Selection cache: each validation image as is, and two LAS versions of it (fixed seed)."""
