@@ -13,7 +13,13 @@ from test_cli import assert_clean_error, edgead
 
 from edgead.deploy.export import export_run
 from edgead.deploy.onnx_export import export_onnx, read_metadata, train_images, validation_images
-from edgead.deploy.quantize import STAGE_NAME, float_scopes, quantize_onnxruntime, score_agreement
+from edgead.deploy.quantize import (
+    STAGE_NAME,
+    float_scopes,
+    int8_scope,
+    quantize_onnxruntime,
+    score_agreement,
+)
 from edgead.deploy.runtimes import load_inferencer
 from edgead.errors import EdgeadError
 from edgead.evaluation import evaluate_run
@@ -178,9 +184,7 @@ def test_a_float_conv_after_an_int8_activation_still_reads_the_clipped_tensor(
     # ONNX Runtime drops quantized Clips (the INT8 range clips instead); a float reader would get the
     # unclipped tensor unless the Clip stays in float with it.
     exported = export_onnx(tinyglass_run, tmp_path / "model.onnx").path
-    deepest = [
-        n for n in onnx.load(str(exported)).graph.node if f"/backbone/stages.{max_stage(exported)}/" in n.name
-    ]
+    deepest = [n for n in onnx.load(str(exported)).graph.node if int8_scope(exported) in n.name]
     clipped = {n.output[0] for n in deepest if n.op_type == "Clip"}
     conv = next(n for n in deepest if n.op_type == "Conv" and n.input[0] in clipped)
     config = load_inferencer(tinyglass_run).config
@@ -191,7 +195,3 @@ def test_a_float_conv_after_an_int8_activation_still_reads_the_clipped_tensor(
     producer = {output: n for n in graph.node for output in n.output}
     float_conv = next(n for n in graph.node if n.name == conv.name)
     assert producer[float_conv.input[0]].op_type == "Clip"
-
-
-def max_stage(path: Path) -> int:
-    return max(int(m.group(1)) for n in onnx.load(str(path)).graph.node if (m := STAGE_NAME.search(n.name)))

@@ -13,7 +13,7 @@ Training follows GLASS on features of normal images:
 - loss: BCE(normal -> 0) + BCE(GAS -> 1) + focal loss on the LAS features against their mask;
 - AdamW, lr 1e-4 for the adaptor and 2e-4 for the discriminator (the paper's values).
 
-CPU budget: the backbone is frozen, so its features are computed once for a fixed number of augmented
+CPU budget: the backbone is frozen, so its features are computed once for a fixed number of (augmented)
 views of each training image (and their LAS versions) and cached; the epochs then only run the small
 head.
 
@@ -161,22 +161,25 @@ class TinyGlass(TrainableHead):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backbone features of ``views`` views of each image and of their LAS versions, plus masks.
 
-        View 0 is the image itself; later views are augmented when ``augment`` is set. The LAS textures
-        come from procedural generators and crops of up to three other images of the same set.
+        View 0 is the image itself; later views are augmented when ``augment`` is set, and otherwise equal
+        view 0, whose features are then computed once. The LAS textures come from procedural generators
+        and crops of up to three other images of the same set.
         """
         from edgead.data.anomaly_synthesis import local_anomaly
         from edgead.data.augment import augment_image
 
         normal, synthetic, masks = [], [], []
         jobs = [(v, i) for v in range(views) for i in range(len(images))]
-        batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        batch: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
 
         def flush() -> None:
             to_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-            normal.append(pipeline.features(to_tensor([b[0] for b in batch])))
+            fresh = [b[0] for b in batch if b[3]]
+            if fresh:
+                normal.append(pipeline.features(to_tensor(fresh)))
             synthetic.append(pipeline.features(to_tensor([b[1] for b in batch])))
             mask = torch.from_numpy(np.stack([b[2] for b in batch])).float()[:, None]
-            masks.append(F.adaptive_max_pool2d(mask, normal[-1].shape[-2:]))
+            masks.append(F.adaptive_max_pool2d(mask, synthetic[-1].shape[-2:]))
             batch.clear()
 
         for view, index in progress_bar(jobs, "synthesise + features", progress):
@@ -185,12 +188,15 @@ class TinyGlass(TrainableHead):
             picks = rng.choice(len(others), size=min(3, len(others)), replace=False)
             sources = [images[others[j]] for j in picks]
             anomalous, mask = local_anomaly(image, rng, sources=sources, use_foreground=self.use_foreground)
-            batch.append((image, anomalous, mask))
+            batch.append((image, anomalous, mask, augment or view == 0))
             if len(batch) == 16:
                 flush()
         if batch:
             flush()
-        return torch.cat(normal), torch.cat(synthetic), torch.cat(masks)
+        normal_features = torch.cat(normal)
+        if not augment:  # the views are view 0 again (jobs are view-major)
+            normal_features = normal_features.repeat(views, 1, 1, 1)
+        return normal_features, torch.cat(synthetic), torch.cat(masks)
 
     def _load_images(self, pipeline: Pipeline, samples: list[Sample], progress: bool) -> list[np.ndarray]:
         size = pipeline.image_size
