@@ -102,11 +102,19 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.merge(self.stage_outputs(x))
+
+    def stage_outputs(self, x: Tensor) -> list[Tensor]:
+        """The chosen stages' outputs, locally aggregated, at their own strides."""
         feats: list[Tensor] = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.layers:
                 feats.append(self.pool(x))
+        return feats
+
+    def merge(self, feats: list[Tensor]) -> Tensor:
+        """Resize every chosen output to the finest chosen stride and concatenate them."""
         finest = feats[self.layer_strides.index(self.stride)]
         out: list[Tensor] = []
         for f, s in zip(feats, self.layer_strides, strict=True):
