@@ -51,9 +51,11 @@ def report(result: dict, out: Path | None) -> None:
             f.write(json.dumps(result) + "\n")
 
 
-def load_cache(dataset: str, path: Path | None, hyperparameters: dict) -> dict:
-    """The cached features at ``path`` (default /tmp/tinyglass_ablation_<category>.pt), built if missing."""
-    path = path or Path("/tmp") / f"tinyglass_ablation_{Path(dataset).name}.pt"
+def load_cache(
+    dataset: str, path: Path | None, hyperparameters: dict, prefix: str = "tinyglass_ablation"
+) -> dict:
+    """The cached features at ``path`` (default /tmp/<prefix>_<category>.pt), built if missing."""
+    path = path or Path("/tmp") / f"{prefix}_{Path(dataset).name}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     return build_cache(dataset, path, hyperparameters)
@@ -97,19 +99,22 @@ def run_variant(cache: dict, variant: dict) -> dict:
     }
 
 
-def main() -> None:
+def main(description: str = __doc__, cache_prefix: str = "tinyglass_ablation") -> None:
+    """Command line; ``tinyglass_wide_features.py`` reuses it with its own description and cache names."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("dataset")
     parser.add_argument("variants", nargs="*", default=["{}"])
-    parser.add_argument("--cache", type=Path, default=None, help="feature cache (default: /tmp/<name>.pt)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help=f"feature cache (default: /tmp/{cache_prefix}_<category>.pt)"
+    )
     parser.add_argument(
         "--cache-settings", default="{}", help="JSON hyperparameters the cached views are made with"
     )
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per variant here")
     args = parser.parse_args()
-    cache = load_cache(args.dataset, args.cache, json.loads(args.cache_settings))
+    cache = load_cache(args.dataset, args.cache, json.loads(args.cache_settings), cache_prefix)
     for text in args.variants:
         report({"dataset": Path(args.dataset).name, **run_variant(cache, json.loads(text))}, args.out)
 

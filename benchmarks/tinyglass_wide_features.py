@@ -8,16 +8,13 @@ their last blocks (after the depthwise conv and ReLU6: 240 + 672 = 912 channels,
 parameters) and trains it as ``tinyglass_ablation.py`` does, reading the test set after every epoch
 (diagnosis only, never a way to pick settings).
 
-    python benchmarks/tinyglass_wide_features.py ../shared/datasets/mvtec_ad/screw '{"augment": false}'
+    cd benchmarks && ../.venv/bin/python tinyglass_wide_features.py ../../shared/datasets/mvtec_ad/screw \
+        --cache-settings '{"augment": false}' '{"augment": false}'
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from tinyglass_ablation import load_cache, report, run_variant
+import tinyglass_ablation
 from torch import Tensor
 
 import edgead.backbones as backbones
@@ -52,26 +49,9 @@ class ExpandedFeatures(FeatureExtractor):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("dataset")
-    parser.add_argument("variants", nargs="*", default=['{"augment": false}'])
-    parser.add_argument("--cache", type=Path, default=None, help="default: /tmp/tinyglass_wide_<category>.pt")
-    parser.add_argument(
-        "--cache-settings", default='{"augment": false}', help="JSON settings of the cached views"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="append one JSON line per variant here")
-    args = parser.parse_args()
     create = backbones.create_backbone
-    backbones.create_backbone = lambda *a, **k: ExpandedFeatures.wrap(create(*a, **k))
-    cache_path = args.cache or Path("/tmp") / f"tinyglass_wide_{Path(args.dataset).name}.pt"
-    cache = load_cache(args.dataset, cache_path, json.loads(args.cache_settings))
-    for text in args.variants:
-        result = run_variant(cache, json.loads(text))
-        report(
-            {"dataset": Path(args.dataset).name, "features": cache["train"][0].shape[1], **result}, args.out
-        )
+    backbones.create_backbone = lambda *args, **kwargs: ExpandedFeatures.wrap(create(*args, **kwargs))
+    tinyglass_ablation.main(__doc__, cache_prefix="tinyglass_wide")
 
 
 if __name__ == "__main__":
