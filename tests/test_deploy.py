@@ -195,3 +195,60 @@ def test_a_float_conv_after_an_int8_activation_still_reads_the_clipped_tensor(
     producer = {output: n for n in graph.node for output in n.output}
     float_conv = next(n for n in graph.node if n.name == conv.name)
     assert producer[float_conv.input[0]].op_type == "Clip"
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_rounding_bias_correction_removes_the_mean_output_shift(groups: int, tmp_path: Path):
+    # one conv whose weights round badly to int8 (one large weight per output channel sets the scale)
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgead.deploy.onnx_export import INPUT_NAME
+    from edgead.deploy.quantize import correct_rounding_bias
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.01, (8, 8 // groups, 3, 3)).astype(np.float32)
+    weight[:, 0, 0, 0] = 1.0
+    bias = rng.normal(0, 0.1, 8).astype(np.float32)
+    node = helper.make_node("Conv", [INPUT_NAME, "w", "b"], ["y"], name="conv", group=groups, pads=[1] * 4)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, 8, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 12, 12])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    float_path, quantized_path = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(float_path)
+    )
+    inputs = rng.uniform(2, 6, (16, 8, 12, 12)).astype(np.float32)  # a ReLU6-like input with a large mean
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{INPUT_NAME: inputs[i : i + 1]} for i in range(len(inputs))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(
+        str(float_path), str(quantized_path), Reader(), quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+    )  # fmt: skip
+
+    def mean_shift() -> float:
+        import onnxruntime as ort
+
+        outputs = [
+            ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: inputs})[
+                0
+            ]
+            for p in (float_path, quantized_path)
+        ]
+        inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # away from the zero padding
+        return float(np.abs((outputs[1] - outputs[0])[inner].mean(axis=(0, 2, 3))).max())
+
+    before = mean_shift()
+    assert correct_rounding_bias(quantized_path, float_path, inputs) == 1
+    after = mean_shift()
+    assert before > 0.01 and after < before / 5
