@@ -1,6 +1,6 @@
 """Which backbone stages to keep in float for INT8: score error on normal validation images vs AUROC change.
 
-For each run and each candidate float scope, quantizes the run's exported ``export/model.onnx`` with
+For each run and each candidate float scope (and the default without bias correction), quantizes the run's exported ``export/model.onnx`` with
 ONNX Runtime (64 train/good calibration images, as `edgead export --int8`) and reports
 - the label-free check: mean |INT8 - fp32| score on the run's normal validation images, over their
   spread (0.99 quantile - min), and the rank correlation of those scores;
@@ -35,10 +35,11 @@ from edgead.deploy.onnx_export import (
 from edgead.deploy.quantize import HEAD_SCOPES, quantize_onnxruntime, score_agreement
 from edgead.metrics import image_auroc
 
-SCOPES = {  # backbone stages kept in float, besides the head and postprocess
-    "stage 0": (0,),
-    "stages 0-1": (0, 1),
-    "stages 0-2 (default)": (0, 1, 2),
+SCOPES = {  # backbone stages kept in float, besides the head and postprocess; bias correction on or off
+    "stage 0": ((0,), True),
+    "stages 0-1": ((0, 1), True),
+    "stages 0-2 (default)": ((0, 1, 2), True),
+    "stages 0-2, no bias correction": ((0, 1, 2), False),
 }
 
 
@@ -83,10 +84,12 @@ def main() -> None:
         labels = np.array([s.label for s in data.test])
         fp32_val, fp32_test = scores(model, validation), scores(model, test)
         spread = float(np.quantile(fp32_val, 0.99) - fp32_val.min())
-        for name, stages in SCOPES.items():
+        for name, (stages, bias_correction) in SCOPES.items():
             keep = HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in stages)
             with tempfile.TemporaryDirectory() as tmp:
-                quantized = quantize_onnxruntime(model, Path(tmp) / "q.onnx", calibration, keep_float=keep)
+                quantized = quantize_onnxruntime(
+                    model, Path(tmp) / "q.onnx", calibration, keep_float=keep, bias_correction=bias_correction
+                )
                 val, tst = scores(quantized, validation), scores(quantized, test)
                 milliseconds = latency_ms(quantized, calibration[0])
             agreement = score_agreement(fp32_val, val, spread)

@@ -14,11 +14,14 @@ from test_cli import assert_clean_error, edgead
 from edgead.deploy.export import export_run
 from edgead.deploy.onnx_export import export_onnx, read_metadata, train_images, validation_images
 from edgead.deploy.quantize import (
+    INT8_ERROR_BUDGET,
     STAGE_NAME,
+    candidate_float_scopes,
     float_scopes,
     int8_scope,
     quantize_onnxruntime,
     score_agreement,
+    widest_within_budget,
 )
 from edgead.deploy.runtimes import load_inferencer
 from edgead.errors import EdgeadError
@@ -117,7 +120,7 @@ def test_tinyglass_int8_onnxruntime_and_openvino(tinyglass_run: Path, tmp_path: 
     images = torch.from_numpy(train_images(reference.config, 8)).permute(0, 3, 1, 2).float() / 255
     for path, runtime in ((int8_file, "onnxruntime"), (ov_report["files"]["openvino_int8"], "openvino")):
         metrics = evaluate_run(path, out_dir=tmp_path / runtime, runtime=runtime, progress=False)
-        assert metrics["quantization"].startswith("int8")
+        assert metrics["quantization"].startswith("int8") and "in float" in metrics["quantization"]
         assert "image_auroc_change" in metrics  # compared with the fp32 run folder
         # INT8 maps follow the fp32 maps (the accuracy change at full size is in docs/results/deployment.md).
         int8_maps = load_inferencer(path, runtime).predict(images)[0].flatten()
@@ -140,6 +143,35 @@ def test_tinyglass_int8_onnxruntime_and_openvino(tinyglass_run: Path, tmp_path: 
         assert int8.config.extra["int8_score_error"] == pytest.approx(expected_error, rel=0.05, abs=1e-3)
     assert "rank correlation" in onnx_report["onnx_int8_vs_fp32"]
     assert "rank correlation" in ov_report["openvino_int8_vs_fp32"]
+    # both INT8 files corrected their conv biases for weight rounding (NNCF once skipped every conv silently)
+    assert "rounding bias corrected" in read_metadata(int8_file)["quantization"]
+    scope = int8_scope(onnx_report["files"]["onnx"])
+    changes = _bias_changes(onnx_report["files"]["onnx"], ov_report["files"]["openvino_int8"], scope)
+    assert len(changes) > 3 and max(changes) > 0
+
+
+def _bias_changes(onnx_path: Path, ir_path: Path, scope: str) -> list[float]:
+    """Largest change of each conv bias in ``scope`` between the fp32 ONNX file and an OpenVINO IR."""
+    import openvino as ov
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    biases = {
+        n.name: initializers[n.input[2]]
+        for n in graph.node
+        if n.op_type == "Conv" and scope in n.name and len(n.input) > 2 and n.input[2] in initializers
+    }
+    changes = []
+    for op in ov.Core().read_model(str(ir_path)).get_ops():
+        constant = op.input_value(1).get_node() if op.get_type_name() == "Add" else None
+        if (
+            constant is not None
+            and op.get_friendly_name() in biases
+            and constant.get_type_name() == "Constant"
+        ):
+            changes.append(float(np.abs(constant.get_data().ravel() - biases[op.get_friendly_name()]).max()))
+    return changes
 
 
 def test_float_scopes_keep_all_but_the_deepest_backbone_stage(tinyglass_run: Path, tmp_path: Path):
@@ -160,6 +192,31 @@ def test_float_scopes_keep_all_but_the_deepest_backbone_stage(tinyglass_run: Pat
         n for n in graph.node if f"/backbone/stages.{stages[-1]}/" not in n.name and "Linear" not in n.op_type
     ]
     assert not [n.name for n in outside if any(name in dequantized for name in n.input)]
+
+
+def test_the_widest_int8_scope_within_the_error_budget_is_kept(tinyglass_run: Path, tmp_path: Path):
+    exported = export_onnx(tinyglass_run, tmp_path / "model.onnx").path
+    scopes = candidate_float_scopes(exported)
+    assert scopes[-1] == float_scopes(exported)  # the most float one comes last
+    assert [len(s) for s in scopes] == sorted(len(s) for s in scopes)
+    fp32 = np.linspace(0, 1, 20)
+    tried = []
+
+    def fake_quantize(errors):
+        def quantize(scope):
+            tried.append(scope)
+            return f"model {len(tried)}", fp32 + errors[len(tried) - 1]
+
+        return quantize
+
+    budget = INT8_ERROR_BUDGET
+    model, scores, scope = widest_within_budget(
+        ["a", "b", "c"], fake_quantize([3 * budget, budget / 2, 0]), fp32, 1.0
+    )
+    assert (model, scope, tried) == ("model 2", "b", ["a", "b"]) and np.allclose(scores, fp32 + budget / 2)
+    tried.clear()
+    model, _, scope = widest_within_budget(["a", "b"], fake_quantize([3 * budget, 2 * budget]), fp32, 1.0)
+    assert (model, scope) == ("model 2", "b")  # none within budget: the last, most float one
 
 
 def test_score_agreement():

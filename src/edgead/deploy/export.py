@@ -94,17 +94,15 @@ def export_run(
     return report
 
 
-INT8_ERROR_WARNING = 0.1  # of the normal score spread: beyond this, INT8 decisions differ visibly from fp32
-
-
 def int8_agreement(path: Path) -> str:
     """One line on how closely an INT8 file's scores follow fp32 on the normal validation images."""
+    from edgead.deploy.quantize import INT8_ERROR_BUDGET
     from edgead.deploy.runtimes import load_inferencer
 
     extra = load_inferencer(path).config.extra
     error, correlation = extra["int8_score_error"], extra["int8_rank_correlation"]
     line = f"normal validation scores off by {error:.1%} of their spread, rank correlation {correlation:.3f}"
-    if error > INT8_ERROR_WARNING:
+    if error > INT8_ERROR_BUDGET:  # even with every stage but the deepest in float
         line += " (WARNING: INT8 changes the scores noticeably; compare with `edgead test` before deploying)"
     return line
 

@@ -11,17 +11,17 @@ Both correct the bias of every INT8 convolution for the mean output shift its we
 (NNCF's fast bias correction; for ONNX Runtime :func:`correct_rounding_bias`): on EfficientNet-Lite0 this
 shift was most of the INT8 error (TinyGLASS KolektorSDD: normal-score error 4.6% -> 3.2% of the spread).
 
-What runs in INT8 is the deepest backbone stage the model uses (EfficientNet-Lite0's stride-16 stage for
-the default layers 2,3: most of the backbone's weights and the largest share of its INT8 speed-up). Kept in float:
+What runs in INT8 is chosen per model on its normal validation images: the widest of "the backbone from
+stage 1 on", "from stage 2 on", ..., "the deepest stage only" whose scores stay within INT8_ERROR_BUDGET
+(10% of the normal score spread) of fp32's; the deepest stage only when there are no validation images.
+Always kept in float:
 - the head and the postprocess: calibration sees normal images only, so the ranges of the head's outputs
   (patch scores, distances) would end at the normal maximum and clip every anomaly to the same value;
   PatchCore's |q|^2 - 2 q.m + |m|^2 would also lose the small distances to 8-bit rounding;
-- the earlier backbone stages: their rounding error propagates through every later layer, and the
-  stride-8 stage's output is itself a head input. Quantizing them too moved the scores of the normal
-  validation images by up to 3.4x their spread (PaDiM, whose Mahalanobis distances amplify small
-  feature shifts); with them in float, the error is 1-5% on every benchmark run
-  (docs/results/int8_scope.md). Ops kept in float also read float tensors: a tensor quantized for its
-  INT8 reader is not handed to its float readers as the rounded copy.
+- the stem stage: its rounding error propagates through every later layer. Earlier stages can cost more
+  than they save too (PaDiM bottle: scores moved by 0.7x their spread with stage 0 alone in float,
+  docs/results/int8_scope.md); the budget decides. Ops kept in float also read float tensors: a tensor
+  quantized for its INT8 reader is not handed to its float readers as the rounded copy.
 ReLU6 (Clip) is quantized together with its convolution, so that the conv's INT8 range is the
 activation's [0, 6], not the pre-activation range (a ~5x coarser step otherwise).
 
@@ -35,7 +35,9 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -52,6 +54,7 @@ from edgead.errors import EdgeadError
 
 HEAD_SCOPES = ("/head/", "/postprocess/")  # node-name parts of ops that always stay in float
 STAGE_NAME = re.compile(r"/backbone/stages\.(\d+)/")
+T = TypeVar("T")
 
 
 def int8_scope(model_path: str | Path) -> str:
@@ -70,6 +73,39 @@ def float_scopes(model_path: str | Path) -> tuple[str, ...]:
     """Node-name parts of the ops kept in float: head, postprocess and every backbone stage but the deepest."""
     deepest = int(STAGE_NAME.search(int8_scope(model_path)).group(1))
     return HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in range(deepest))
+
+
+# Of the normal score spread: the widest INT8 scope whose validation scores stay this close to fp32 is used.
+INT8_ERROR_BUDGET = 0.1
+
+
+def candidate_float_scopes(model_path: str | Path) -> list[tuple[str, ...]]:
+    """Float scopes to try, most INT8 first: head and postprocess plus stage 0, plus stages 0-1, ..., up to
+    :func:`float_scopes` (every stage but the deepest in float), the one kept when no other is close enough."""
+    deepest = int(STAGE_NAME.search(int8_scope(model_path)).group(1))
+    return [HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in range(n)) for n in range(1, deepest)] + [
+        float_scopes(model_path)
+    ]
+
+
+def widest_within_budget(
+    scopes: list[tuple[str, ...]],
+    quantize: Callable[[tuple[str, ...]], tuple[T, np.ndarray]],
+    fp32_scores: np.ndarray,
+    spread: float,
+) -> tuple[T, np.ndarray, tuple[str, ...]]:
+    """Quantize with each float scope in turn (``quantize(scope)`` -> model, its normal validation scores)
+    and keep the first whose scores are within :data:`INT8_ERROR_BUDGET` of fp32's, else the last.
+
+    Which layers run in INT8 is chosen per model on normal validation images only (no labels, no test
+    images): on some runs quantizing stages 1-2 as well costs almost nothing, on others (PaDiM bottle) it
+    moves the scores by several times their spread (docs/results/int8_scope.md).
+    """
+    for scope in scopes:
+        model, scores = quantize(scope)
+        if score_agreement(fp32_scores, scores, spread)["int8_score_error"] <= INT8_ERROR_BUDGET:
+            break
+    return model, scores, scope
 
 
 def _runs_in_float(name: str, keep_float: tuple[str, ...]) -> bool:
@@ -145,23 +181,33 @@ def score_agreement(fp32: np.ndarray, int8: np.ndarray, spread: float) -> dict[s
     return {"int8_score_error": round(error, 4), "int8_rank_correlation": round(correlation, 4)}
 
 
+def onnx_scores(model_path: str | Path, metadata: dict[str, str], images: np.ndarray) -> np.ndarray:
+    """Image scores of an ONNX file on uint8 NHWC ``images`` (ONNX Runtime)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAMES[1]], {INPUT_NAME: to_input(images, _input_dtype(metadata))})[0]
+
+
+def score_spread(metadata: dict[str, str]) -> float:
+    """The fp32 model's normal score range, threshold - min: the unit of the INT8 score error."""
+    config = json.loads(metadata[CONFIG_KEY])
+    return float(config["threshold"]) - float(config["score_min"])
+
+
 def recalibrated_metadata(
-    model_path: str | Path, metadata: dict[str, str], validation: np.ndarray, scores: np.ndarray
+    metadata: dict[str, str], validation: np.ndarray, scores: np.ndarray, fp32: np.ndarray
 ) -> dict[str, str]:
     """The metadata with the INT8 model's own threshold and score range, from its ``scores`` on the run's
     normal ``validation`` images (the images the fp32 threshold came from; never test images), and its
-    agreement with the fp32 model ``model_path`` on them.
+    agreement with the fp32 model's scores ``fp32`` on them.
 
     INT8 shifts the scores slightly; keeping the fp32 threshold would flag more or fewer normal parts.
     """
-    import onnxruntime as ort
-
     from edgead.training import calibrate
 
     config = json.loads(metadata[CONFIG_KEY])
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    fp32 = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: to_input(validation, _input_dtype(metadata))})[0]
-    agreement = score_agreement(fp32, scores, float(config["threshold"]) - float(config["score_min"]))
+    agreement = score_agreement(fp32, scores, score_spread(metadata))
     calibration = calibrate(np.asarray(scores, dtype=np.float64), float(config["threshold_quantile"]))
     config.update(calibration)
     source = f"int8 model on {len(validation)} normal validation images"
@@ -172,6 +218,11 @@ def recalibrated_metadata(
         CONFIG_KEY: json.dumps(config),
         "threshold_source": source,
     }
+
+
+def _float_stages_note(keep_float: tuple[str, ...]) -> str:
+    stages = sorted(int(m.group(1)) for part in keep_float if (m := STAGE_NAME.search(part)))
+    return f"backbone stages {stages} in float" if stages else "whole backbone in INT8"
 
 
 def _channel_means(
@@ -267,8 +318,10 @@ def quantize_onnxruntime(
 ) -> Path:
     """INT8 QDQ model for ONNX Runtime; ``calibration`` is uint8 NHWC normal images.
 
-    Nodes whose name contains one of ``keep_float`` (default: :func:`float_scopes`) stay in float. With ``validation`` (the run's normal
-    validation images, uint8 NHWC), the threshold is re-derived from the INT8 model's own scores.
+    Nodes whose name contains one of ``keep_float`` stay in float. With ``validation`` (the run's normal
+    validation images, uint8 NHWC), the threshold is re-derived from the INT8 model's own scores and, unless
+    ``keep_float`` is given, the float scope is the widest INT8 one within the error budget
+    (:func:`widest_within_budget`); without, :func:`float_scopes`.
     ``bias_correction``: :func:`correct_rounding_bias` on the INT8 convolutions (off only to measure its effect).
     """
     import onnx
@@ -289,37 +342,46 @@ def quantize_onnxruntime(
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
-        nodes = onnx.load(str(prepared)).graph.node
-        keep_float = float_scopes(model_path) if keep_float is None else keep_float
-        excluded = [n.name for n in nodes if any(part in n.name for part in keep_float)]
-        excluded += _activations_read_in_float(nodes, set(excluded))
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["Conv", "Clip", "Relu"],  # activations fold into the conv ranges
-            nodes_to_exclude=excluded,
-        )
-        if bias_correction:
-            correct_rounding_bias(out_path, prepared, inputs)
-    _float_readers_onnx(out_path, keep_float)
+    validating = validation is not None and len(validation) > 0
+
+    def quantize(scope: tuple[str, ...]) -> tuple[Path, np.ndarray | None]:
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
+            nodes = onnx.load(str(prepared)).graph.node
+            excluded = [n.name for n in nodes if any(part in n.name for part in scope)]
+            excluded += _activations_read_in_float(nodes, set(excluded))
+            quantize_static(
+                str(prepared),
+                str(out_path),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["Conv", "Clip", "Relu"],  # activations fold into the conv ranges
+                nodes_to_exclude=excluded,
+            )
+            if bias_correction:
+                correct_rounding_bias(out_path, prepared, inputs)
+        _float_readers_onnx(out_path, scope)
+        if not validating:
+            return out_path, None
+        return out_path, onnx_scores(out_path, metadata, validation)
+
+    scopes = [keep_float] if keep_float is not None else candidate_float_scopes(model_path)
+    if validating:
+        reference = onnx_scores(model_path, metadata, validation)
+        _, scores, scope = widest_within_budget(scopes, quantize, reference, score_spread(metadata))
+        metadata = recalibrated_metadata(metadata, validation, scores, reference)
+    else:
+        scope = keep_float if keep_float is not None else float_scopes(model_path)
+        quantize(scope)
     metadata["quantization"] = (
-        f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images"
+        f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images, "
+        + _float_stages_note(scope)
         + (", rounding bias corrected" if bias_correction else "")
     )
-    if validation is not None and len(validation):
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-        scores = session.run([OUTPUT_NAMES[1]], {INPUT_NAME: to_input(validation, _input_dtype(metadata))})[0]
-        metadata = recalibrated_metadata(model_path, metadata, validation, scores)
     write_metadata(out_path, metadata)
     return out_path
 
@@ -332,7 +394,7 @@ def quantize_openvino(
 ) -> Path:
     """INT8 OpenVINO IR via NNCF; ``out_path`` ends in .xml (the weights go next to it as .bin).
 
-    ``validation``: as in :func:`quantize_onnxruntime`, the INT8 model's own threshold."""
+    ``validation``: as in :func:`quantize_onnxruntime`, the INT8 model's own threshold and the float scope."""
     import nncf
     import openvino as ov
 
@@ -342,27 +404,40 @@ def quantize_openvino(
         raise EdgeadError(f"an OpenVINO IR file name ends in .xml, got {out_path}")
     metadata = read_metadata(model_path)
     inputs = to_input(calibration, _input_dtype(metadata))
-    # convert_model folds constants (read_model does not): NNCF's bias correction only finds a conv's bias
-    # when it is a Constant, not the Reshape of one that the ONNX reader leaves, and silently skipped every conv.
-    model = ov.convert_model(str(model_path))
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset([inputs[i : i + 1] for i in range(len(inputs))]),
-        subset_size=len(inputs),
-        ignored_scope=nncf.IgnoredScope(
-            # OpenVINO renames the ops that produce the graph outputs after those outputs
-            patterns=[f".*{re.escape(part)}.*" for part in float_scopes(model_path)]
-            + [f"^{re.escape(name)}$" for name in OUTPUT_NAMES],
-            validate=False,
-        ),
-    )
-    _float_readers_openvino(quantized, float_scopes(model_path))
-    metadata["quantization"] = f"int8 openvino nncf, {len(inputs)} images"
-    if validation is not None and len(validation):
+    validating = validation is not None and len(validation) > 0
+
+    def quantize(scope: tuple[str, ...]):
+        # convert_model folds constants (read_model does not): NNCF's bias correction only finds a conv's
+        # bias when it is a Constant, not the Reshape of one that the ONNX reader leaves, and skipped every conv.
+        quantized = nncf.quantize(
+            ov.convert_model(str(model_path)),
+            nncf.Dataset([inputs[i : i + 1] for i in range(len(inputs))]),
+            subset_size=len(inputs),
+            ignored_scope=nncf.IgnoredScope(
+                # OpenVINO renames the ops that produce the graph outputs after those outputs
+                patterns=[f".*{re.escape(part)}.*" for part in scope]
+                + [f"^{re.escape(name)}$" for name in OUTPUT_NAMES],
+                validate=False,
+            ),
+        )
+        _float_readers_openvino(quantized, scope)
+        if not validating:
+            return quantized, None
         compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(to_input(validation, _input_dtype(metadata)))
-        scores = np.asarray(result[compiled.output(OUTPUT_NAMES[1])])
-        metadata = recalibrated_metadata(model_path, metadata, validation, scores)
+        return quantized, np.asarray(result[compiled.output(OUTPUT_NAMES[1])])
+
+    if validating:
+        reference = onnx_scores(model_path, metadata, validation)
+        scopes = candidate_float_scopes(model_path)
+        quantized, scores, scope = widest_within_budget(scopes, quantize, reference, score_spread(metadata))
+        metadata = recalibrated_metadata(metadata, validation, scores, reference)
+    else:
+        scope = float_scopes(model_path)
+        quantized, _ = quantize(scope)
+    metadata["quantization"] = (
+        f"int8 openvino nncf, {len(inputs)} images, {_float_stages_note(scope)}, fast bias correction"
+    )
     quantized.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(out_path), compress_to_fp16=False)
