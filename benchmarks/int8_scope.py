@@ -38,7 +38,7 @@ from edgead.metrics import image_auroc
 SCOPES = {  # backbone stages kept in float, besides the head and postprocess; bias correction on or off
     "stage 0": ((0,), True),
     "stages 0-1": ((0, 1), True),
-    "stages 0-2 (default)": ((0, 1, 2), True),
+    "stages 0-2": ((0, 1, 2), True),
     "stages 0-2, no bias correction": ((0, 1, 2), False),
 }
 

@@ -303,8 +303,9 @@ def runtime_notes(runtimes: Sequence[str]) -> list[str]:
         "- Runtimes: torch = the run folder in PyTorch eager (fp32); onnxruntime / openvino = the exported "
         "fp32 ONNX file (uint8 input, whole pipeline in one graph); -int8 = post-training static INT8 "
         "(ONNX Runtime QDQ u8/s8 per-channel, or OpenVINO NNCF) calibrated on 64 train/good images, conv biases "
-        "corrected for weight rounding; the deepest backbone stage in INT8, the earlier stages, the head and the "
-        "postprocess in float. *_change = AUROC minus the torch fp32 row's.",
+        "corrected for weight rounding; the backbone from stage 1 on in INT8 where the normal validation scores "
+        "stay within 10% of their spread of fp32's (else fewer stages), the head and the postprocess in float. "
+        "*_change = AUROC minus the torch fp32 row's.",
         "- p50_ms / p95_ms: whole model per image at batch 1 (test images, after warm-up); ips_b16: images "
         "per second at batch 16; speedup_vs_torch: torch p50 / this p50; file_mb: the file(s) a device needs.",
     ]

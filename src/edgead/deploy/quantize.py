@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 
 def int8_scope(model_path: str | Path) -> str:
-    """Node-name part of the one stage that runs in INT8: the deepest backbone stage in the graph."""
+    """Node-name part of the deepest backbone stage in the graph, the one that always runs in INT8."""
     import onnx
 
     stages = {
