@@ -142,6 +142,7 @@ def test_tinyglass_int8_onnxruntime_and_openvino(tinyglass_run: Path, tmp_path: 
         expected_error = np.mean(np.abs(scores - fp32_scores.numpy())) / spread
         assert int8.config.extra["int8_score_error"] == pytest.approx(expected_error, rel=0.05, abs=1e-3)
     assert "rank correlation" in onnx_report["onnx_int8_vs_fp32"]
+    assert "in float)" in onnx_report["onnx_int8_vs_fp32"]  # which backbone stages the budget kept in float
     assert "rank correlation" in ov_report["openvino_int8_vs_fp32"]
     # both INT8 files corrected their conv biases for weight rounding (NNCF once skipped every conv silently)
     assert "rounding bias corrected" in read_metadata(int8_file)["quantization"]

@@ -10,6 +10,7 @@ Every file carries the run's threshold and config, so `edgead test`/`predict` ru
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,15 @@ def int8_agreement(path: Path) -> str:
     from edgead.deploy.quantize import INT8_ERROR_BUDGET
     from edgead.deploy.runtimes import load_inferencer
 
-    extra = load_inferencer(path).config.extra
+    model = load_inferencer(path)
+    extra = model.config.extra
     error, correlation = extra["int8_score_error"], extra["int8_rank_correlation"]
     line = f"normal validation scores off by {error:.1%} of their spread, rank correlation {correlation:.3f}"
+    floats = re.search(
+        r"backbone stages \[[\d, ]*\] in float|whole backbone in INT8", model.metadata.get("quantization", "")
+    )
+    if floats:
+        line += f" ({floats.group(0)})"
     if error > INT8_ERROR_BUDGET:  # even with every stage but the deepest in float
         line += " (WARNING: INT8 changes the scores noticeably; compare with `edgead test` before deploying)"
     return line
