@@ -20,6 +20,7 @@ from edgead.deploy.quantize import (
     float_scopes,
     int8_scope,
     quantize_onnxruntime,
+    quantize_openvino,
     score_agreement,
     widest_within_budget,
 )
@@ -193,6 +194,20 @@ def test_float_scopes_keep_all_but_the_deepest_backbone_stage(tinyglass_run: Pat
         n for n in graph.node if f"/backbone/stages.{stages[-1]}/" not in n.name and "Linear" not in n.op_type
     ]
     assert not [n.name for n in outside if any(name in dequantized for name in n.input)]
+
+
+def test_without_validation_images_only_the_deepest_stage_runs_in_int8(tinyglass_run: Path, tmp_path: Path):
+    # e.g. `--calibration-dir` on a machine without the run's dataset: no label-free check, the safe scope
+    exported = export_onnx(tinyglass_run, tmp_path / "model.onnx").path
+    calibration = train_images(load_inferencer(tinyglass_run).config, 4)
+    deepest = STAGE_NAME.search(int8_scope(exported)).group(1)
+    expected = f"backbone stages {list(range(int(deepest)))} in float"
+    onnx_file = quantize_onnxruntime(exported, tmp_path / "q.onnx", calibration)
+    ir_file = quantize_openvino(exported, tmp_path / "q.xml", calibration)
+    for path, runtime in ((onnx_file, "onnxruntime"), (ir_file, "openvino")):
+        model = load_inferencer(path, runtime)
+        assert expected in model.metadata["quantization"]
+        assert "int8_score_error" not in model.config.extra  # nothing to compare with
 
 
 def test_the_widest_int8_scope_within_the_error_budget_is_kept(tinyglass_run: Path, tmp_path: Path):
