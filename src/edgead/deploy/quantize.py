@@ -220,6 +220,25 @@ def recalibrated_metadata(
     }
 
 
+def _quantize_within_budget(
+    model_path: str | Path,
+    metadata: dict[str, str],
+    validation: np.ndarray | None,
+    quantize: Callable[[tuple[str, ...]], tuple[T, np.ndarray | None]],
+    keep_float: tuple[str, ...] | None = None,
+) -> tuple[T, tuple[str, ...], dict[str, str]]:
+    """``quantize(scope)`` -> (model, its validation scores) with ``keep_float``, or the widest scope within the
+    budget; returns the model, its float scope and the metadata with the INT8 model's own threshold.
+    Without validation images there is nothing to check against: :func:`float_scopes`, the fp32 threshold."""
+    if validation is None or len(validation) == 0:
+        scope = keep_float if keep_float is not None else float_scopes(model_path)
+        return quantize(scope)[0], scope, metadata
+    scopes = [keep_float] if keep_float is not None else candidate_float_scopes(model_path)
+    reference = onnx_scores(model_path, metadata, validation)
+    model, scores, scope = widest_within_budget(scopes, quantize, reference, score_spread(metadata))
+    return model, scope, recalibrated_metadata(metadata, validation, scores, reference)
+
+
 def _float_stages_note(keep_float: tuple[str, ...]) -> str:
     stages = sorted(int(m.group(1)) for part in keep_float if (m := STAGE_NAME.search(part)))
     return f"backbone stages {stages} in float" if stages else "whole backbone in INT8"
@@ -268,7 +287,9 @@ def correct_rounding_bias(quantized_path: Path, float_path: Path, inputs: np.nda
 
     convs = []
     for node in model.graph.node:
-        x, w, b = (dequantize_input(node, i) for i in range(3)) if node.op_type == "Conv" else (None,) * 3
+        if node.op_type != "Conv":
+            continue
+        x, w, b = (dequantize_input(node, i) for i in range(3))
         quantize = producer.get(x.input[0]) if x is not None else None
         if quantize is None or quantize.op_type != "QuantizeLinear" or w is None or b is None:
             continue
@@ -369,14 +390,7 @@ def quantize_onnxruntime(
             return out_path, None
         return out_path, onnx_scores(out_path, metadata, validation)
 
-    scopes = [keep_float] if keep_float is not None else candidate_float_scopes(model_path)
-    if validating:
-        reference = onnx_scores(model_path, metadata, validation)
-        _, scores, scope = widest_within_budget(scopes, quantize, reference, score_spread(metadata))
-        metadata = recalibrated_metadata(metadata, validation, scores, reference)
-    else:
-        scope = keep_float if keep_float is not None else float_scopes(model_path)
-        quantize(scope)
+    _, scope, metadata = _quantize_within_budget(model_path, metadata, validation, quantize, keep_float)
     metadata["quantization"] = (
         f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images, "
         + _float_stages_note(scope)
@@ -427,14 +441,7 @@ def quantize_openvino(
         result = compiled(to_input(validation, _input_dtype(metadata)))
         return quantized, np.asarray(result[compiled.output(OUTPUT_NAMES[1])])
 
-    if validating:
-        reference = onnx_scores(model_path, metadata, validation)
-        scopes = candidate_float_scopes(model_path)
-        quantized, scores, scope = widest_within_budget(scopes, quantize, reference, score_spread(metadata))
-        metadata = recalibrated_metadata(metadata, validation, scores, reference)
-    else:
-        scope = float_scopes(model_path)
-        quantized, _ = quantize(scope)
+    quantized, scope, metadata = _quantize_within_budget(model_path, metadata, validation, quantize)
     metadata["quantization"] = (
         f"int8 openvino nncf, {len(inputs)} images, {_float_stages_note(scope)}, fast bias correction"
     )
