@@ -10,7 +10,6 @@ Every file carries the run's threshold and config, so `edgead test`/`predict` ru
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -97,18 +96,15 @@ def export_run(
 
 def int8_agreement(path: Path) -> str:
     """One line on how closely an INT8 file's scores follow fp32 on the normal validation images."""
-    from edgead.deploy.quantize import INT8_ERROR_BUDGET
+    from edgead.deploy.quantize import FLOAT_STAGES_KEY, INT8_ERROR_BUDGET
     from edgead.deploy.runtimes import load_inferencer
 
     model = load_inferencer(path)
     extra = model.config.extra
     error, correlation = extra["int8_score_error"], extra["int8_rank_correlation"]
     line = f"normal validation scores off by {error:.1%} of their spread, rank correlation {correlation:.3f}"
-    floats = re.search(
-        r"backbone stages \[[\d, ]*\] in float|whole backbone in INT8", model.metadata.get("quantization", "")
-    )
-    if floats:
-        line += f" ({floats.group(0)})"
+    if FLOAT_STAGES_KEY in model.metadata:
+        line += f" ({model.metadata[FLOAT_STAGES_KEY]})"
     if error > INT8_ERROR_BUDGET:  # even with every stage but the deepest in float
         line += " (WARNING: INT8 changes the scores noticeably; compare with `edgead test` before deploying)"
     return line

@@ -55,6 +55,7 @@ from edgead.errors import EdgeadError
 HEAD_SCOPES = ("/head/", "/postprocess/")  # node-name parts of ops that always stay in float
 STAGE_NAME = re.compile(r"/backbone/stages\.(\d+)/")
 T = TypeVar("T")
+FLOAT_STAGES_KEY = "int8_float_stages"  # metadata: which backbone stages an INT8 file keeps in float
 
 
 def int8_scope(model_path: str | Path) -> str:
@@ -391,9 +392,10 @@ def quantize_onnxruntime(
         return out_path, onnx_scores(out_path, metadata, validation)
 
     _, scope, metadata = _quantize_within_budget(model_path, metadata, validation, quantize, keep_float)
+    metadata[FLOAT_STAGES_KEY] = _float_stages_note(scope)
     metadata["quantization"] = (
         f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images, "
-        + _float_stages_note(scope)
+        + metadata[FLOAT_STAGES_KEY]
         + (", rounding bias corrected" if bias_correction else "")
     )
     write_metadata(out_path, metadata)
@@ -442,8 +444,9 @@ def quantize_openvino(
         return quantized, np.asarray(result[compiled.output(OUTPUT_NAMES[1])])
 
     quantized, scope, metadata = _quantize_within_budget(model_path, metadata, validation, quantize)
+    metadata[FLOAT_STAGES_KEY] = _float_stages_note(scope)
     metadata["quantization"] = (
-        f"int8 openvino nncf, {len(inputs)} images, {_float_stages_note(scope)}, fast bias correction"
+        f"int8 openvino nncf, {len(inputs)} images, {metadata[FLOAT_STAGES_KEY]}, fast bias correction"
     )
     quantized.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
     out_path.parent.mkdir(parents=True, exist_ok=True)
