@@ -8,8 +8,8 @@ activation ranges, and normal images are what a user has.
 - OpenVINO + NNCF: ``nncf.quantize`` on the OpenVINO model, saved as an IR (.xml + .bin).
 
 Both correct the bias of every INT8 convolution for the mean output shift its weight rounding causes
-(NNCF's fast bias correction; for ONNX Runtime :func:`correct_rounding_bias`): on EfficientNet-Lite0 this
-shift was most of the INT8 error (TinyGLASS KolektorSDD: normal-score error 4.6% -> 3.2% of the spread).
+(NNCF's fast bias correction; for ONNX Runtime :func:`correct_rounding_bias`): it lowers the normal-score
+error of every benchmark run (TinyGLASS KolektorSDD: 4.6% -> 3.2% of the spread, docs/results/int8_scope.md).
 
 What runs in INT8 is chosen per model on its normal validation images: the widest of "the backbone from
 stage 1 on", "from stage 2 on", ..., "the deepest stage only" whose scores stay within INT8_ERROR_BUDGET
