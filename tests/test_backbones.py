@@ -3,7 +3,6 @@
 import dataclasses
 import importlib.util
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -350,23 +349,23 @@ def test_mobilenet_v2_package_weights() -> None:
         assert create_backbone("mobilenet_v2").out_channels == 128
 
 
-# --- budget report (printed, not asserted) ---------------------------------------------------------------
-
-
-def test_report_lite0_params_and_latency(capsys: pytest.CaptureFixture[str]) -> None:
+def test_lite0_default_features_have_the_published_parameter_count() -> None:
+    # EfficientNet-Lite0 up to its stride-16 stage (the default stages 2 + 3): 700,768 parameters, the
+    # count baselines.md and the budgets use. Its latency is measured in benchmarks/, not asserted here.
     backbone = create_backbone("efficientnet_lite0")
-    x = torch.randn(1, 3, 256, 256)
-    with torch.inference_mode():
-        for _ in range(3):
-            backbone(x)
-        times = []
-        for _ in range(10):
-            start = time.perf_counter()
-            backbone(x)
-            times.append(time.perf_counter() - start)
-    with capsys.disabled():
-        print(
-            f"\nefficientnet_lite0 features (layers {backbone.layers}, {backbone.out_channels} ch): "
-            f"{count_parameters(backbone):,} params, {1000 * float(np.median(times)):.1f} ms median "
-            f"at 1x3x256x256 on CPU ({torch.get_num_threads()} threads)"
-        )
+    assert count_parameters(backbone) == 700_768
+    assert backbone(torch.rand(1, 3, 64, 64)).shape == (1, 152, 8, 8)
+
+
+def test_aggregation_border_zeros_shrinks_only_border_patches():
+    arch = build_architecture("resnet18")
+    zeros = FeatureExtractor(arch, (1,), aggregation_border="zeros")
+    valid = FeatureExtractor(arch, (1,), aggregation_border="valid")
+    constant = torch.ones(1, 4, 6, 6)
+    inside, padded = valid.pool(constant), zeros.pool(constant)
+    assert torch.allclose(inside, constant)  # the inside average of a constant is the constant
+    assert torch.allclose(padded[..., 1:-1, 1:-1], constant[..., 1:-1, 1:-1])
+    assert torch.allclose(padded[..., 0, 0], torch.full((1, 4), 4 / 9))  # corner: 4 of 9 window pixels
+    assert torch.allclose(padded[..., 0, 2], torch.full((1, 4), 6 / 9))  # edge: 6 of 9
+    with pytest.raises(BackboneError, match="aggregation_border"):
+        FeatureExtractor(arch, (1,), aggregation_border="reflect")

@@ -21,7 +21,7 @@ def edgead(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
+    assert result.returncode == 1, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
@@ -86,9 +86,19 @@ def test_run_folder_from_another_model_or_tool(fitted_run: Path, tmp_path: Path)
     assert_clean_error(edgead("predict", mixed, fitted_run / "config.json"), "padim")
 
 
-@pytest.mark.parametrize("args", [("predict",), ("fit", ".", "--model", "nope")])
-def test_usage_errors_exit_non_zero(args, tmp_path: Path):
-    assert edgead(*args, cwd=tmp_path).returncode != 0
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("predict",), "Missing argument"),
+        (("fit", ".", "--model", "nope"), "unknown model 'nope'"),
+        (("fit", ".", "--image-size", "abc"), "--image-size"),
+    ],
+)
+def test_usage_errors_exit_2_and_say_what_is_wrong(args, message, tmp_path: Path):
+    result = edgead(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.replace("│", " ").split())
+    assert "Traceback" not in result.stderr
 
 
 def test_profile_reports_params_and_macs(fitted_run: Path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from edgead.models import Padim, PatchCore, create_head
-from edgead.models.patchcore import NearestNeighbourIndex, greedy_coreset
+from edgead.models.patchcore import ChunkedCoreset, NearestNeighbourIndex, exact_search, greedy_coreset
 from edgead.models.postprocess import Postprocess, gaussian_kernel1d
 
 
@@ -23,6 +23,68 @@ def test_greedy_coreset_covers_every_cluster():
     chosen = greedy_coreset(points, 4, projection_dim=128, seed=0)
     clusters = {int(i) // 50 for i in chosen}
     assert clusters == {0, 1, 2, 3}
+
+
+def test_chunked_coreset_covers_rare_clusters_in_every_chunk_and_keeps_the_ratio():
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(3000, 8, generator=g) * 0.1
+    rare = torch.randn(6, 8, generator=g) * 0.1 + 20.0  # 6 far-away patches hidden in a large pool
+    pool = torch.cat([common[:1000], rare[:3], common[1000:], rare[3:]])
+    coreset = ChunkedCoreset(ratio=0.02, chunk_size=500, projection_dim=4, seed=0)
+    for part in pool.split(77):  # batch boundaries that do not match chunk boundaries
+        coreset.add(part)
+        assert coreset._buffered < 500  # never holds more than one chunk
+    bank = coreset.finish()
+    assert len(bank) == pytest.approx(0.02 * len(pool), abs=len(pool) // 500 + 1)
+    # Every rare patch is selected or has a selected rare neighbour (each chunk covers its outliers).
+    assert torch.cdist(rare, bank).min(dim=1).values.max() < 1.0
+
+
+def test_chunked_coreset_does_not_depend_on_batching():
+    pool = normal_features(n=30).permute(0, 2, 3, 1).reshape(-1, 16)
+    one, many = (ChunkedCoreset(0.05, 700, projection_dim=8, seed=3) for _ in range(2))
+    one.add(pool)
+    for part in pool.split(100):
+        many.add(part)
+    assert torch.equal(one.finish(), many.finish())
+
+
+def test_patchcore_bank_stays_within_max_bank_size():
+    head = PatchCore(coreset_ratio=0.5, max_bank_size=100, chunk_size=256).fit(normal_features(n=20))
+    assert 90 <= len(head.memory_bank_) <= 100 + 1280 // 256
+
+
+def test_padim_streamed_statistics_equal_the_batch_ones():
+    features = normal_features(n=37, c=6, h=3, w=2) + torch.linspace(0, 5, 37).view(37, 1, 1, 1)
+    streamed = Padim(n_features=None, epsilon=0.0, storage="float32").fit_stream(features.split(5), len(features))
+    x = features.double().flatten(2).permute(2, 1, 0)  # [positions, C, N]
+    for pos in range(6):
+        cov = torch.cov(x[pos])
+        assert torch.allclose(streamed.mean_[pos].double(), x[pos].mean(dim=1), atol=1e-6)
+        assert torch.allclose(streamed.cov_inv_[pos].double(), torch.linalg.inv(cov), rtol=1e-4, atol=1e-3)
+
+
+def test_hnsw_index_finds_nearly_every_exact_neighbour_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(3000, 24, generator=g), torch.randn(500, 24, generator=g)
+    exact_dist, exact_idx = NearestNeighbourIndex(bank, "flat").search(queries, 1)
+    dist, idx = NearestNeighbourIndex(bank, "hnsw").search(queries, 1)
+    assert (idx == exact_idx).float().mean() > 0.97
+    # The distance returned is the true distance of the neighbour found: never below the exact one.
+    assert torch.allclose(dist, torch.linalg.vector_norm(bank[idx[:, 0]] - queries, dim=1)[:, None], atol=1e-4)
+    assert torch.all(dist >= exact_dist - 1e-4)
+    again_dist, again_idx = NearestNeighbourIndex(bank, "hnsw").search(queries, 1)
+    assert torch.equal(idx, again_idx) and torch.equal(dist, again_dist)
+
+
+def test_exact_search_block_gives_the_exported_kNN():
+    head = PatchCore(coreset_ratio=0.25).fit(normal_features())
+    test = normal_features(n=2, seed=5)
+    with exact_search(head):
+        exact = head(test)
+    reference = torch.cdist(head.to_patches(test), head.memory_bank_).min(dim=1).values
+    assert torch.allclose(exact.flatten(), reference, atol=1e-4)
+    assert torch.all(head(test).flatten() >= reference - 1e-4)  # HNSW: the same or a farther neighbour
 
 
 def test_nearest_neighbour_index_matches_brute_force():
@@ -69,7 +131,7 @@ def test_unfitted_head_and_bad_hyperparameters():
 
     with pytest.raises(EdgeadError, match="unknown model"):
         create_head("nope")
-    with pytest.raises(EdgeadError, match="bad hyperparameters"):
+    with pytest.raises(EdgeadError, match="bad hyperparameter"):
         create_head("padim", coreset_ratio=0.1)
 
 

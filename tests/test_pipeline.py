@@ -35,13 +35,17 @@ def test_threshold_comes_from_validation_images_only(fitted_run: Path):
     assert config.score_min <= config.threshold < config.score_max
 
 
-def test_run_folder_round_trip_gives_identical_scores(fitted_run: Path, synthetic_dataset: Path):
-    pipeline_a, _ = load_run(fitted_run)
-    pipeline_b, _ = load_run(fitted_run)
-    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    maps_a, scores_a = pipeline_a.predict(images)
-    maps_b, scores_b = pipeline_b.predict(images)
-    assert torch.equal(scores_a, scores_b) and torch.equal(maps_a, maps_b)
+@pytest.mark.parametrize("model", ["patchcore", "padim"])
+def test_run_folder_round_trip_gives_the_fitted_pipelines_scores(model, synthetic_dataset: Path, tmp_path: Path):
+    from edgead.training import fit_run
+
+    fitted, _ = fit_run(synthetic_dataset, tmp_path / model, model=model, image_size=64, progress=False)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    maps_before, scores_before = fitted.predict(images)  # the pipeline as fitted, before any saving
+    loaded, _ = load_run(tmp_path / model)
+    maps_after, scores_after = loaded.predict(images)
+    assert torch.equal(scores_before, scores_after) and torch.equal(maps_before, maps_after)
+    assert scores_before.std() > 0  # real, varying scores, not a constant that would match anyway
 
 
 def test_run_folder_errors(fitted_run: Path, tmp_path: Path):
@@ -65,6 +69,18 @@ def test_run_folder_errors(fitted_run: Path, tmp_path: Path):
         load_run(other)
     with pytest.raises(RunFolderError, match="not 'padim'"):
         load_run(fitted_run, expect_model="padim")
+
+
+def test_runs_record_the_aggregation_border_and_old_runs_keep_theirs(fitted_run: Path, tmp_path: Path):
+    config = json.loads((fitted_run / "config.json").read_text())
+    assert config["aggregation_border"] == "zeros"
+    old = tmp_path / "old"
+    shutil.copytree(fitted_run, old)
+    del config["aggregation_border"]  # a run written before the field existed
+    (old / "config.json").write_text(json.dumps(config))
+    pipeline, loaded = load_run(old)
+    assert loaded.aggregation_border == "valid" and pipeline.backbone.aggregation_border == "valid"
+    assert pipeline.backbone.pool.count_include_pad is False
 
 
 def test_padim_pipeline_fits_and_scores(synthetic_dataset: Path, tmp_path: Path):

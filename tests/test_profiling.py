@@ -49,7 +49,7 @@ def test_model_profile_of_a_fitted_pipeline():
     assert profile["params"] == profile["backbone_params"] + profile["head_params"]
     assert profile["weights_bytes"] == 4 * profile["params"]
     assert profile["head_data"]["cov_inv_"] == [h * w, 20, 20]
-    assert profile["head_data_bytes"] > 4 * h * w * 20 * 20
+    assert profile["head_data_bytes"] > 2 * h * w * 20 * 20  # float16 Gaussians
     assert profile["head_macs"] >= h * w * 20 * 20  # the Mahalanobis product
     assert profile["macs"] == profile["backbone_macs"] + profile["head_macs"] + profile["postprocess_macs"]
     # upsample + blur as two matrix products: [64, 8] @ [8, 8], then [64, 8] @ [8, 64]
@@ -64,7 +64,6 @@ def test_memory_bank_is_data_and_external_work_can_be_reported():
     assert profile["head_params"] == 0
     entries, channels = profile["head_data"]["memory_bank_"]
     assert channels == 152 and entries == round(0.1 * 2 * 8 * 8)
-    # faiss searches outside torch: PatchCore reports that work itself (exact kNN: patches x bank x C).
+    # The kNN counted as the exported graph computes it: exact, patches x bank x C.
     search = 8 * 8 * entries * channels
-    assert pipeline.head.external_macs((1, channels, 8, 8)) == search
     assert search <= profile["head_macs"] < 1.1 * search  # the search dominates the head

@@ -87,12 +87,12 @@ def test_prune_a_tinyglass_run(tinyglass_run: Path, tmp_path: Path):
     from edgead.runs import load_run
 
     original, _ = load_run(tinyglass_run)
-    # The pruned head is retrained from its pruned weights: fewer epochs than the first fit suffice.
+    # The pruned head is retrained from its pruned weights, for as many epochs as the first fit.
     pruned, config = prune_run(
-        tinyglass_run, tmp_path / "pruned", 0.5, progress=False, hyperparameters={"epochs": 2}
+        tinyglass_run, tmp_path / "pruned", 0.5, progress=False, hyperparameters={"epochs": 4}
     )
     assert count_parameters(pruned) < 0.6 * count_parameters(original)
-    assert config.head["hidden"] == 128 and config.head["epochs"] == 2
+    assert config.head["hidden"] == 128 and config.head["epochs"] == 4
     assert config.extra["pruned_channels"]["backbone"]["9"] == 336
     assert config.extra["pruning"]["source_run"] == str(tinyglass_run.resolve())
     # The config rebuilds the pruned shapes, and the saved run predicts what the fitted one did.
@@ -102,7 +102,7 @@ def test_prune_a_tinyglass_run(tinyglass_run: Path, tmp_path: Path):
     loaded_maps, loaded_scores = loaded.predict(images)
     assert torch.allclose(loaded_maps, maps) and torch.allclose(loaded_scores, scores)
     metrics = evaluate_run(tmp_path / "pruned", out_dir=tmp_path / "report", progress=False)
-    assert metrics["image_auroc"] > 0.75  # the unpruned run: 0.875 on these 16 test images
+    assert metrics["image_auroc"] > 0.75  # the unpruned run: 0.80 on these 16 test images
     with pytest.raises(EdgeadError, match="must be a new folder"):
         prune_run(tinyglass_run, tinyglass_run, 0.5, progress=False)
 

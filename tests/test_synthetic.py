@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -71,10 +69,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     assert len(open_dataset(root).train) == 1 and not (root / "ground_truth").exists()
 
 
-def test_default_dataset_is_fast(tmp_path):
-    start = time.perf_counter()
+def test_default_dataset_has_the_documented_split(tmp_path):
     root = make_synthetic_dataset(tmp_path / "demo")
-    elapsed = time.perf_counter() - start
     data = open_dataset(root)
     assert len(data.train) == 60 and len(data.test) == 35 and data.has_masks
-    assert elapsed < 15  # the target is < 5 s; leave room for slow CI machines

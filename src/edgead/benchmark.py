@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from edgead.data.datasets import ImageDataset, find_categories, open_dataset
-from edgead.errors import DatasetError, EdgeadError
+from edgead.errors import DatasetError, EdgeadError, UsageError
 from edgead.evaluation import evaluate_run
 from edgead.hardware import (
     ACCURACY_PLOT,
@@ -31,10 +31,12 @@ from edgead.hardware import (
     write_hardware_csv,
 )
 from edgead.latency import measure_end_to_end, measure_latency
+from edgead.models import create_head
+from edgead.outputs import atomic_write_text, check_output_file, check_work_dir
 from edgead.profiling import model_profile
 from edgead.reporting import markdown_table, results_header
 from edgead.runs import WEIGHTS_FILE, load_run
-from edgead.training import fit_run
+from edgead.training import FitSettings, fit_run
 
 RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8")
 RUNTIME_COLUMNS = [
@@ -99,7 +101,7 @@ def fit_or_reuse(run_dir: Path, dataset: Path, reuse: bool, **fit_kwargs: Any):
     """Fit, or load the run already in ``run_dir`` when ``reuse`` is set (same name = same settings)."""
     if reuse and (run_dir / "config.json").is_file():
         return load_run(run_dir, expect_model=fit_kwargs["model"])
-    return fit_run(dataset, run_dir, **fit_kwargs)
+    return fit_run(dataset, run_dir, force=True, **fit_kwargs)  # the runs folder is the benchmark's own
 
 
 def test_images(dataset: Path, image_size: int, count: int) -> torch.Tensor:
@@ -167,6 +169,7 @@ def benchmark_one(
     runtimes: Sequence[str] = ("torch",),
     reuse_runs: bool = False,
     hardware: bool = False,
+    aggregation_border: str | None = None,
 ) -> list[dict[str, Any]]:
     layer_tag = "default" if layers is None else "-".join(map(str, layers))
     run_dir = runs_dir / f"{model}_{layer_tag}_{label.replace('/', '_')}"
@@ -180,6 +183,7 @@ def benchmark_one(
         layers=layers,
         hyperparameters=hyperparameters.get(model, {}),
         progress=progress,
+        aggregation_border=aggregation_border,
     )
     metrics = evaluate_run(run_dir, dataset, pipeline=pipeline, config=config, progress=progress)
     images = test_images(dataset, image_size, latency_images)
@@ -190,6 +194,7 @@ def benchmark_one(
         "model": model,
         "runtime": "torch",
         "layers": ",".join(map(str, config.layers)),
+        "aggregation_border": config.aggregation_border,
         "backbone": backbone,
         "image_size": image_size,
         **{
@@ -236,6 +241,7 @@ def run_benchmark(
     runtimes: Sequence[str] = ("torch",),
     reuse_runs: bool = False,
     hardware: bool = False,
+    aggregation_border: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every dataset x layer set x model (x runtime); ``layers`` None is the backbone's default.
 
@@ -244,56 +250,108 @@ def run_benchmark(
     """
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
-        raise EdgeadError(f"unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}")
+        raise UsageError(f"unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}")
+    if not models:
+        raise UsageError("--models names no model: give e.g. --models patchcore,padim")
     runtimes = ["torch", *[r for r in runtimes if r != "torch"]]  # torch is the reference row
-    paths = expand_datasets(datasets)
-    rows = [
-        row
-        for label, path in paths
-        for layers in layer_sets
-        for model in models
-        for row in benchmark_one(
-            label,
-            path,
-            model,
-            layers,
-            Path(runs_dir),
-            image_size,
-            backbone,
-            hyperparameters or {},
-            latency_images,
-            progress,
-            runtimes,
-            reuse_runs,
-            hardware,
+    out_markdown = check_output_file(out_markdown, (".md",))
+    runs_dir = check_work_dir(runs_dir, "--runs-dir")
+    for model in models:  # every option and hyperparameter is checked before the first fit
+        FitSettings.check(
+            model=model,
+            backbone=backbone,
+            image_size=image_size,
+            layers=None,
+            validation_fraction=0.1,
+            threshold_quantile=0.99,
+            seed=0,
+            batch_size=16,
+            aggregation_border=aggregation_border,
         )
-    ]
-    out_markdown = Path(out_markdown)
-    out_markdown.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        *results_header(
-            f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command
-        ),
-        f"- Images resized to {image_size}x{image_size}; masks resized with nearest neighbour. Thresholds "
-        "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
-        "- Latency: median ms per image at batch 1 over test images (backbone = preprocess + backbone; "
-        "head = patch scores + image score, i.e. the kNN search for PatchCore; postprocess = upsample + "
-        "blur). fit_s = feature extraction + head fit (coreset selection, TinyGLASS training included). params_m = learned weights used at inference (a memory bank or Gaussians are data, not parameters); gmacs = multiply-accumulates per image at batch 1, kNN search included.",
-        "- layers: backbone stage indices (2 = stride 8, 3 = stride 16, 4 = stride 32).",
-        *runtime_notes(runtimes),
-        *[f"- {note}" for note in notes],
-        "",
-        markdown_table(rows, COLUMNS if len(runtimes) == 1 else RUNTIME_COLUMNS),
-        "",
-    ]
-    if hardware:
-        records = hardware_records(rows)
-        write_hardware_csv(out_markdown.parent / HARDWARE_CSV, records)
-        save_accuracy_latency_plot(out_markdown.parent / ACCURACY_PLOT, records)
-        lines += hardware_section(records)
-    out_markdown.write_text("\n".join(lines))
-    out_markdown.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    return rows
+        create_head(model, **(hyperparameters or {}).get(model, {}))
+    paths = expand_datasets(datasets)
+    report = BenchmarkReport(out_markdown, models, backbone, image_size, command, notes, runtimes, hardware)
+    for label, path in paths:
+        for layers in layer_sets:
+            for model in models:
+                try:
+                    found = benchmark_one(
+                        label,
+                        path,
+                        model,
+                        layers,
+                        runs_dir,
+                        image_size,
+                        backbone,
+                        hyperparameters or {},
+                        latency_images,
+                        progress,
+                        runtimes,
+                        reuse_runs,
+                        hardware,
+                        aggregation_border,
+                    )
+                except Exception as exc:  # noqa: BLE001 - one failed category must not lose the others
+                    report.failures.append({"dataset": label, "model": model, "error": f"{exc}"})
+                else:
+                    report.rows.extend(found)
+                report.write()  # after every row: finished work is on disk whatever comes next
+    if report.failures:
+        failed = ", ".join(f"{f['dataset']}/{f['model']}" for f in report.failures)
+        raise EdgeadError(
+            f"{len(report.failures)} benchmark run(s) failed ({failed}; reasons in {out_markdown}); "
+            f"the {len(report.rows)} rows that finished are written"
+        )
+    return report.rows
+
+
+class BenchmarkReport:
+    """The markdown table + JSON of a benchmark, rewritten atomically as rows finish."""
+
+    def __init__(
+        self,
+        out_markdown: Path,
+        models: Sequence[str],
+        backbone: str,
+        image_size: int,
+        command: str | None,
+        notes: Sequence[str],
+        runtimes: Sequence[str],
+        hardware: bool,
+    ) -> None:
+        self.out_markdown, self.runtimes, self.hardware = out_markdown, list(runtimes), hardware
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[dict[str, str]] = []
+        self.header = [
+            *results_header(f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command),
+            f"- Images resized to {image_size}x{image_size}; masks resized with nearest neighbour. Thresholds "
+            "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
+            "- Latency: median ms per image at batch 1 over test images (backbone = preprocess + backbone; "
+            "head = patch scores + image score, i.e. the kNN search for PatchCore; postprocess = upsample + "
+            "blur). fit_s = feature extraction + head fit (coreset selection, TinyGLASS training included). "
+            "params_m = learned weights used at inference (a memory bank or Gaussians are data, not "
+            "parameters); gmacs = multiply-accumulates per image at batch 1, kNN search included.",
+            "- layers: backbone stage indices (2 = stride 8, 3 = stride 16, 4 = stride 32).",
+            *runtime_notes(self.runtimes),
+            *[f"- {note}" for note in notes],
+            "",
+        ]
+
+    def write(self) -> None:
+        lines = list(self.header)
+        if self.rows:
+            lines += [markdown_table(self.rows, COLUMNS if len(self.runtimes) == 1 else RUNTIME_COLUMNS), ""]
+        if self.failures:
+            lines += ["## Failed", "", markdown_table(self.failures, ["dataset", "model", "error"]), ""]
+        if self.hardware and self.rows:
+            records = hardware_records(self.rows)
+            write_hardware_csv(self.out_markdown.parent / HARDWARE_CSV, records)
+            save_accuracy_latency_plot(self.out_markdown.parent / ACCURACY_PLOT, records)
+            lines += hardware_section(records)
+        atomic_write_text(self.out_markdown, "\n".join(lines))
+        atomic_write_text(
+            self.out_markdown.with_suffix(".json"), json.dumps(self.rows, indent=2, default=str) + "\n"
+        )
 
 
 def runtime_notes(runtimes: Sequence[str]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from edgead import __version__
-from edgead.errors import EdgeadError
+from edgead.errors import EdgeadError, UsageError
 
 app = typer.Typer(
     help="edgead: visual anomaly detection for edge hardware (fit on good images, flag defects).",
@@ -40,6 +40,14 @@ ModelArgument = Annotated[
     Path, typer.Argument(help="Run folder written by `edgead fit`, or a file written by `edgead export`.")
 ]
 
+BorderOption = Annotated[
+    str,
+    typer.Option(
+        help="Border of the 3x3 feature aggregation: zeros (pad with zeros, the default) or valid "
+        "(average the inside pixels only)."
+    ),
+]
+
 DatasetsArgument = Annotated[
     list[Path], typer.Argument(help="Datasets, or folders of categories (e.g. mvtec_ad/).")
 ]
@@ -52,7 +60,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise EdgeadError(f"--layers expects stage indices like 2,3 (got '{text}')") from None
+        raise UsageError(f"--layers expects stage indices like 2,3 (got '{text}')") from None
 
 
 def parse_params(params: list[str] | None) -> dict[str, Any]:
@@ -60,7 +68,7 @@ def parse_params(params: list[str] | None) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for item in params or []:
         if "=" not in item:
-            raise EdgeadError(f"--param expects KEY=VALUE, got '{item}'")
+            raise UsageError(f"--param expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
         try:
             parsed[key.strip()] = json.loads(value)
@@ -84,7 +92,7 @@ def fit(
         Path,
         typer.Argument(help="MVTec-layout category (train/good, ...) or plain folder (good/, <defect>/)."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/latest"),
+    out: Annotated[str, typer.Option("--out", "-o", help="Run folder to write.")] = "runs/latest",
     model: Annotated[str, typer.Option(help="Method: tinyglass, patchcore or padim.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Backbone name, see `edgead list`.")] = "efficientnet_lite0",
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 256,
@@ -101,6 +109,10 @@ def fit(
     threshold_quantile: Annotated[float, typer.Option(help="Quantile of normal validation scores.")] = 0.99,
     seed: Annotated[int, typer.Option()] = 0,
     param: ParamOption = None,
+    aggregation_border: BorderOption = "zeros",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing run in --out (its export/ and test/ too).")
+    ] = False,
 ) -> None:
     """Fit a detector on the normal (train/good) images of DATASET and save a run folder."""
     from edgead.training import fit_run
@@ -118,6 +130,8 @@ def fit(
         threshold_quantile=threshold_quantile,
         seed=seed,
         hyperparameters=parse_params(param),
+        aggregation_border=aggregation_border,
+        force=force,
     )
     typer.echo(
         f"fitted {config.model} on {config.extra['n_train']} images in {config.extra['fit_seconds']} s; "
@@ -132,7 +146,7 @@ def test(
         Path | None, typer.Option(help="Dataset to test on (default: the one it was fitted on).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Report folder (default: RUN/test).")
+        str | None, typer.Option("--out", "-o", help="Report folder (default: RUN/test).")
     ] = None,
     runtime: RuntimeOption = None,
 ) -> None:
@@ -154,7 +168,9 @@ def test(
                 f"  {key} change vs fp32: {100 * metrics[key + '_change']:+.2f} points "
                 f"(fp32 {metrics['fp32_' + key]:.4f})"
             )
-    typer.echo(f"report written to {out or metrics['report_dir']}")
+    if "fp32_comparison_refused" in metrics:
+        typer.echo(f"warning: not compared with fp32: {metrics['fp32_comparison_refused']}", err=True)
+    typer.echo(f"report written to {metrics['report_dir']}")
 
 
 @app.command()
@@ -165,15 +181,15 @@ def predict(
         typer.Argument(help="Images and/or folders, OR one video file, OR one camera index (0, 1...)."),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for the annotated video or PNGs and predictions.csv.")
-    ] = Path("predictions"),
+        str, typer.Option("--out", "-o", help="Folder for the annotated video or PNGs and predictions.csv.")
+    ] = "predictions",
     runtime: RuntimeOption = None,
     blur: Annotated[
         str | None, typer.Option(help="Blur these before inference and before anything is written: faces.")
     ] = None,
     blur_regions: Annotated[
         Path | None,
-        typer.Option(help='JSON file of polygons to blur, in source pixels: {"polygons": [[[x, y], ...]]}.'),
+        typer.Option(help='JSON file of polygons to blur, in source pixels: {"polygons": \\[\\[\\[x, y], ...]]}.'),
     ] = None,
     output: Annotated[
         str, typer.Option(help="auto (PNGs for images, a video for videos/cameras), video, png or none.")
@@ -190,17 +206,17 @@ def predict(
 ) -> None:
     """Score images, a video or a camera: per-frame score, decision, heat-map overlay, FPS, and a CSV."""
     from edgead.runtime import run_stream
+    from edgead.runtime.cvpaths import printable
     from edgead.runtime.sources import source_kind
 
     per_frame_lines = source_kind(sources) == "images"  # a video's frames go to the CSV, not the terminal
 
     def show(result) -> None:  # noqa: ANN001
+        name = printable(result.name)
         if result.error:
-            typer.echo(f"{result.name}: error: {result.error}", err=True)
+            typer.echo(f"{name}: error: {result.error}", err=True)
         elif per_frame_lines:
-            typer.echo(
-                f"{result.name}: score {result.score:.4f} ({result.normalized_score:.2f}) {result.decision}"
-            )
+            typer.echo(f"{name}: score {result.score:.4f} ({result.normalized_score:.2f}) {result.decision}")
 
     summary = run_stream(
         run,
@@ -233,9 +249,11 @@ def benchmark(
         str, typer.Option(help="Comma-separated models (tinyglass, patchcore, padim).")
     ] = "patchcore,padim",
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Markdown table to write (JSON beside it).")
-    ] = Path("docs/results/baselines.md"),
-    runs_dir: Annotated[Path, typer.Option(help="Where the fitted runs go.")] = Path("runs/benchmark"),
+        str, typer.Option("--out", "-o", help="Markdown table to write (JSON beside it).")
+    ] = "docs/results/baselines.md",
+    runs_dir: Annotated[str, typer.Option(help="Where the fitted runs go (refitted unless --reuse-runs).")] = (
+        "runs/benchmark"
+    ),
     image_size: Annotated[int, typer.Option()] = 256,
     backbone: Annotated[str, typer.Option()] = "efficientnet_lite0",
     layers: Annotated[
@@ -262,6 +280,7 @@ def benchmark(
             "estimates (from MACs): hardware_benchmark.csv and accuracy_vs_latency.png beside --out.",
         ),
     ] = False,
+    aggregation_border: BorderOption = "zeros",
 ) -> None:
     """Fit + test every model on every dataset (and runtime); write one markdown table and JSON."""
     from edgead.benchmark import run_benchmark
@@ -281,6 +300,7 @@ def benchmark(
         runtimes=runtime or ("torch",),
         reuse_runs=reuse_runs,
         hardware=hardware,
+        aggregation_border=aggregation_border,
     )
     for row in rows:
         typer.echo(
@@ -290,7 +310,7 @@ def benchmark(
     typer.echo(f"table written to {out}")
     if hardware:
         typer.echo(
-            f"hardware view written to {out.parent / 'hardware_benchmark.csv'} and accuracy_vs_latency.png"
+            f"hardware view written to {Path(out).parent / 'hardware_benchmark.csv'} and accuracy_vs_latency.png"
         )
 
 
@@ -298,7 +318,7 @@ def benchmark(
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, openvino or imx500.")] = "onnx",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: RUN/export).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Folder (default: RUN/export).")] = None,
     int8: Annotated[
         bool, typer.Option("--int8", help="Also write an INT8 post-training-quantized file.")
     ] = False,
@@ -354,14 +374,20 @@ def prune(
     run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
     ratio: Annotated[float, typer.Option(help="Share of channels to remove, in (0, 1).")] = 0.5,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="New run folder (default: RUN_pruned).")
+        str | None, typer.Option("--out", "-o", help="New run folder (default: RUN_pruned<percent>).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run in --out.")] = False,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Training dataset to refit on (default: the one the run was fitted on)."),
     ] = None,
 ) -> None:
     """Structured channel pruning of the backbone's last stages and the head, then refit the head."""
     from edgead.deploy.prune import prune_run
 
-    out = out or run.with_name(f"{run.name}_pruned{int(round(ratio * 100))}")
-    _, config = prune_run(run, out, ratio)
+    if out is None:
+        out = str(run.with_name(f"{run.name}_pruned{int(round(ratio * 100))}"))
+    _, config = prune_run(run, out, ratio, dataset=dataset, force=force)
     typer.echo(f"pruned {run} by {ratio:.0%}: run saved to {out}; {config.extra.get('pruning', '')}")
 
 
@@ -377,7 +403,7 @@ def parse_ratios(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise EdgeadError(f"--ratios expects numbers like 0,0.05,0.1 (got '{text}')") from None
+        raise UsageError(f"--ratios expects numbers like 0,0.05,0.1 (got '{text}')") from None
 
 
 @experiment_app.command()
@@ -388,9 +414,9 @@ def contamination(
     ] = "0,0.05,0.1,0.2,0.3",
     model: Annotated[str, typer.Option(help="Method, see `edgead list`.")] = "tinyglass",
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Markdown report to write (JSON and plots beside it).")
-    ] = Path("docs/results/contamination.md"),
-    runs_dir: Annotated[Path, typer.Option(help="Where the fitted runs go.")] = Path("runs/contamination"),
+        str, typer.Option("--out", "-o", help="Markdown report to write (JSON and plots beside it).")
+    ] = "docs/results/contamination.md",
+    runs_dir: Annotated[str, typer.Option(help="Where the fitted runs go.")] = "runs/contamination",
     image_size: Annotated[int, typer.Option()] = 256,
     seed: Annotated[int, typer.Option()] = 0,
     same_test_set: Annotated[
@@ -427,7 +453,7 @@ def contamination(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the videos, run and report.")] = Path(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the videos, run and report.")] = (
         "demo_output"
     ),
     model: Annotated[str, typer.Option(help="Model to fit on the synthetic good parts.")] = "patchcore",
@@ -482,11 +508,29 @@ def version() -> None:
 
 
 def main() -> None:
+    """Run the CLI: input errors exit 1 and usage errors 2, each with one ``error:`` line; Ctrl-C exits 130."""
+    for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: print their bytes as \xNN
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         app()
-    except EdgeadError as exc:
+    except UsageError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except EdgeadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory: use smaller images (--image-size) or fewer of them", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a full disk, a file that vanished, a device error: the environment, not a bug
+        where = f": {exc.filename!r}" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(1)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130
+            typer.echo("interrupted", err=True)
+        raise

@@ -17,6 +17,8 @@ import numpy as np
 
 from edgead.data.synthetic_video import read_truth, write_belt_video
 from edgead.metrics import image_auroc
+from edgead.models import create_head
+from edgead.outputs import atomic_write_text, check_work_dir
 from edgead.reporting import markdown_table
 from edgead.runtime import run_stream
 from edgead.runtime.sources import save_frames
@@ -77,10 +79,11 @@ def run_demo(
     height: int = 480,
     progress: bool = True,
 ) -> dict[str, Any]:
-    out_dir = Path(out_dir)
+    out_dir = check_work_dir(out_dir, "--out")
+    create_head(model)  # an unknown model fails before the videos are made
     dataset = record_good_parts(out_dir / "dataset", n_train, fps, width, height)
     run_dir = out_dir / "run"
-    _, config = fit_run(dataset, run_dir, model=model, image_size=image_size, progress=progress)
+    _, config = fit_run(dataset, run_dir, model=model, image_size=image_size, progress=progress, force=True)
     video, truth_csv = write_belt_video(
         out_dir / "belt.mp4", seconds=seconds, fps=fps, width=width, height=height
     )
@@ -101,7 +104,7 @@ def run_demo(
         "predictions": str(summary.csv),
         "truth": str(truth_csv),
     }
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(result, indent=2))
     columns = [
         "frames",
         "good_frames",
@@ -112,7 +115,8 @@ def run_demo(
         "fps",
     ]
     report = out_dir / "REPORT.md"
-    report.write_text(
+    atomic_write_text(
+        report,
         "\n".join(
             [
                 "# edgead demo: a synthetic inspection line",

@@ -2,7 +2,8 @@
 
 Anything a user can cause (a missing folder, a corrupt image, a run folder from another model)
 raises an :class:`EdgeadError` subclass whose message says what was wrong and how to fix it.
-The CLI prints that message as one line and exits non-zero, without a traceback.
+The CLI prints that message as one line, without a traceback, and exits with 2 for a wrong option
+value (:class:`UsageError`, as the parser does for its own usage errors) and 1 for everything else.
 """
 
 
@@ -24,3 +25,15 @@ class WeightsError(EdgeadError):
 
 class RunFolderError(EdgeadError):
     """A saved run folder is missing, incomplete, or belongs to another model."""
+
+
+class UsageError(EdgeadError):
+    """An option or argument has a wrong value (exit code 2, like the CLI parser's own usage errors)."""
+
+
+class OutputError(EdgeadError):
+    """An output path cannot be written, or writing it would replace something that is not ours."""
+
+
+class NonFiniteError(EdgeadError):
+    """A model produced NaN or infinite values: its results cannot be trusted (fail closed)."""

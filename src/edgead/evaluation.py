@@ -13,9 +13,10 @@ import numpy as np
 
 from edgead.data.datasets import open_dataset
 from edgead.data.images import load_rgb, resize_image
-from edgead.errors import DatasetError
+from edgead.errors import DatasetError, NonFiniteError
 from edgead.inference import Predictions, Predictor, predict_samples
 from edgead.metrics import evaluate, normalize_scores
+from edgead.outputs import atomic_dir, check_output_dir
 from edgead.reporting import (
     save_heatmap_examples,
     save_pixel_roc_plot,
@@ -23,7 +24,9 @@ from edgead.reporting import (
     write_metrics_json,
     write_scores_csv,
 )
-from edgead.runs import RunConfig, load_run
+from edgead.runs import RunConfig, load_run, read_config
+
+REPORT_MARKER = "metrics.json"
 
 
 def score_predictions(predictions: Predictions, config: RunConfig) -> dict[str, Any]:
@@ -40,7 +43,14 @@ def score_predictions(predictions: Predictions, config: RunConfig) -> dict[str, 
 
 
 def write_report(predictions: Predictions, config: RunConfig, metrics: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the report files into a temporary sibling, then put it in place of ``out_dir`` at once."""
+    with atomic_dir(out_dir) as staging:
+        _write_report_files(predictions, config, metrics, staging)
+
+
+def _write_report_files(
+    predictions: Predictions, config: RunConfig, metrics: dict[str, Any], out_dir: Path
+) -> None:
     write_metrics_json(out_dir / "metrics.json", metrics)
     normalized = normalize_scores(predictions.scores, config.threshold, config.score_min, config.score_max)
     rows = [
@@ -89,9 +99,13 @@ def evaluate_run(
     ``dataset`` defaults to the one the model was fitted on. An INT8 file whose fp32 run folder is still
     on disk is compared with it: the metrics then hold the fp32 AUROC and the change.
     """
-    from edgead.deploy.runtimes import load_inferencer
+    from edgead.deploy.runtimes import default_runtime, load_inferencer
 
     run_dir = Path(run_dir)
+    if out_dir is None:
+        engine = runtime or ("torch" if pipeline is not None else default_runtime(run_dir))
+        out_dir = run_dir / "test" if run_dir.is_dir() else run_dir.parent / f"test_{run_dir.stem}_{engine}"
+    out_dir = check_output_dir(out_dir, REPORT_MARKER, kind="test report")
     if pipeline is None or config is None:
         inferencer = load_inferencer(run_dir, runtime)
         pipeline, config = inferencer, inferencer.config
@@ -103,6 +117,7 @@ def evaluate_run(
     if not data.test:
         raise DatasetError(f"{data.root} has no test images: nothing to evaluate")
     predictions = predict_samples(pipeline, data.test, batch_size=batch_size, progress=progress)
+    check_finite_scores(predictions.scores, predictions.maps, f"{config.model} on {data.name}")
     metrics = score_predictions(predictions, config)
     metrics.update(
         {
@@ -114,21 +129,46 @@ def evaluate_run(
             "runtime": runtime or "torch",
         }
     )
-    quantization = getattr(pipeline, "metadata", {}).get("quantization")
-    source = getattr(pipeline, "metadata", {}).get("source_run")
-    if quantization:
-        metrics["quantization"] = quantization
-        if source and Path(source, "config.json").is_file():
-            reference = predict_samples(
-                load_run(source)[0], data.test, batch_size, progress, "fp32 reference"
-            )
-            fp32 = score_predictions(reference, config)
-            for key in ("image_auroc", "pixel_auroc"):
-                if metrics.get(key) is not None and fp32.get(key) is not None:
-                    metrics[f"fp32_{key}"] = fp32[key]
-                    metrics[f"{key}_change"] = metrics[key] - fp32[key]
-    if out_dir is None:
-        out_dir = run_dir / "test" if run_dir.is_dir() else run_dir.parent / f"test_{run_dir.stem}_{runtime}"
+    metadata = getattr(pipeline, "metadata", {})
+    if metadata.get("quantization"):
+        metrics["quantization"] = metadata["quantization"]
+        metrics.update(compare_with_source_run(metadata, data, config, batch_size, progress))
+        for key in ("image_auroc", "pixel_auroc"):
+            if metrics.get(key) is not None and metrics.get(f"fp32_{key}") is not None:
+                metrics[f"{key}_change"] = metrics[key] - metrics[f"fp32_{key}"]
     metrics["report_dir"] = str(out_dir)
-    write_report(predictions, config, metrics, Path(out_dir))
+    write_report(predictions, config, metrics, out_dir)
     return metrics
+
+
+def check_finite_scores(scores: np.ndarray, maps: np.ndarray | None, what: str) -> None:
+    """Fail closed: NaN or infinite scores mean a broken model, never a normal verdict."""
+    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64))
+    if bad.any() or (maps is not None and not np.isfinite(maps).all()):
+        raise NonFiniteError(
+            f"{what}: the model gives NaN or infinite scores ({int(bad.sum())} of {len(bad)} images): its "
+            "weights or exported file are broken; refit or re-export it"
+        )
+
+
+def compare_with_source_run(
+    metadata: dict[str, str], data, config: RunConfig, batch_size: int, progress: bool
+) -> dict[str, Any]:
+    """fp32 AUROC of the run an INT8 file was exported from, and the change; {} where that run is gone.
+
+    The file records the sha256 of its run's model: a run folder refitted since the export holds
+    another model, and comparing with it would be meaningless, so it is refused with a warning.
+    """
+    source = metadata.get("source_run")
+    if not source or not Path(source, "config.json").is_file():
+        return {}
+    expected = metadata.get("source_model_sha256")
+    recorded = read_config(source).model_sha256
+    if not expected or expected != recorded:
+        return {
+            "fp32_comparison_refused": f"the run {source} holds another model than the one this file was "
+            "exported from (refitted since the export?): re-export it to compare"
+        }
+    reference = predict_samples(load_run(source)[0], data.test, batch_size, progress, "fp32 reference")
+    fp32 = score_predictions(reference, config)
+    return {f"fp32_{key}": fp32[key] for key in ("image_auroc", "pixel_auroc") if fp32.get(key) is not None}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +24,22 @@ class Predictor(Protocol):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-@torch.no_grad()
+def iter_features(
+    pipeline: Pipeline,
+    samples: Sequence[Sample],
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "features",
+) -> Iterator[torch.Tensor]:
+    """Backbone features of the samples, one batch [B, C, h, w] at a time (memory stays bounded)."""
+    pipeline.eval()
+    loader = make_loader(list(samples), pipeline.image_size, batch_size=batch_size)
+    for batch in progress_bar(loader, desc, progress):
+        with torch.no_grad():
+            features = pipeline.features(batch["image"])
+        yield features
+
+
 def extract_features(
     pipeline: Pipeline,
     samples: Sequence[Sample],
@@ -33,10 +48,7 @@ def extract_features(
     desc: str = "features",
 ) -> torch.Tensor:
     """Backbone features of every sample, concatenated: [N, C, h, w]."""
-    pipeline.eval()
-    loader = make_loader(list(samples), pipeline.image_size, batch_size=batch_size)
-    chunks = [pipeline.features(batch["image"]) for batch in progress_bar(loader, desc, progress)]
-    return torch.cat(chunks)
+    return torch.cat(list(iter_features(pipeline, samples, batch_size, progress, desc)))
 
 
 @dataclass

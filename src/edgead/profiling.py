@@ -7,8 +7,9 @@ is measured the same way:
   FLOPs / 2). It sees every convolution (grouped and depthwise included, and the ``F.conv2d`` calls
   of the Gaussian blur) and every matrix product (``nn.Linear``, ``@``, ``bmm``) that torch runs.
   Elementwise ops, BatchNorm (it folds into the preceding convolution at deployment), pooling and
-  interpolation count 0. Work done outside torch (PatchCore's faiss kNN search) is invisible to it:
-  a head can report that work with an optional ``external_macs(features_shape) -> int`` method.
+  interpolation count 0. PatchCore's kNN is counted as the exported graph runs it (the exact search
+  as a matrix product; the HNSW index that torch runs does fewer). Work a head does outside torch is
+  invisible to the counter: a head can report it with an optional ``external_macs(features_shape)``.
 - **Parameters** are the learned weights (backbone and any trained head). What a head learns
   without gradients (a memory bank, Gaussians) is data and is reported apart, with its bytes.
 """
@@ -24,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgead.backbones.base import count_parameters
 from edgead.models import Pipeline
+from edgead.models.patchcore import exact_search
 
 MACS_DEFINITION = (
     "MACs of one image (batch 1), counted by torch's FlopCounterMode (FLOPs / 2): convolutions and "
@@ -55,7 +57,8 @@ def _head_macs(head: nn.Module, features: torch.Tensor) -> int:
     def run(x: torch.Tensor) -> None:
         head.image_scores(x, head(x))
 
-    macs = macs_of(run, features)
+    with exact_search(head):  # PatchCore's kNN as the exported graph runs it: a matrix product + min
+        macs = macs_of(run, features)
     external = getattr(head, "external_macs", None)
     return macs + (int(external(tuple(features.shape))) if external is not None else 0)
 

@@ -7,61 +7,132 @@ weights package and gives the same numbers on another machine.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from typing_extensions import TypedDict
 
 from edgead import __version__
-from edgead.backbones import create_backbone
-from edgead.errors import EdgeadError, RunFolderError
+from edgead.backbones import BACKBONES, create_backbone
+from edgead.backbones.weights import sha256_of
+from edgead.errors import EdgeadError, NonFiniteError, RunFolderError
 from edgead.models import HEADS, Pipeline, create_head, create_pipeline
+from edgead.outputs import atomic_dir, check_output_dir, default_file_mode
+from edgead.validation import describe
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "edgead-run"
 FORMAT_VERSION = 1
+MAX_IMAGE_SIZE = 2048  # a square input side beyond this needs more memory than edge devices have
 
 
-@dataclass
-class RunConfig:
-    """Everything needed to rebuild a pipeline and to decide on its scores."""
+class RunExtra(TypedDict, total=False):
+    """The keys of ``RunConfig.extra`` that edgead reads back, with their types; others are kept as they are."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+
+    dataset: str | None
+    dataset_name: str
+    n_train: Annotated[int, Field(ge=0)]
+    n_validation: Annotated[int, Field(ge=0)]
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)]
+    seed: Annotated[int, Field(ge=0)]
+    fit_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    pretrained: bool
+    weights_path: str | None
+    pruned_channels: dict[str, dict[str, Annotated[int, Field(ge=1)]]]
+    pruning: dict[str, Any]
+
+
+class RunConfig(BaseModel):
+    """Everything needed to rebuild a pipeline and to decide on its scores.
+
+    A run folder's config.json and an exported file's metadata are untrusted input: every field is
+    declared with its type and range and checked (strict types, no NaN, no unknown keys), and the head
+    hyperparameters are checked by the head itself, before anything is built from them.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=(), validate_assignment=True)
 
     model: str
     head: dict[str, Any]
     backbone: str
-    layers: list[int] | None
-    image_size: int
-    blur_sigma: float
-    threshold: float
-    score_min: float
-    score_max: float
-    threshold_quantile: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    layers: list[Annotated[int, Field(ge=0, le=4)]] | None
+    image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)]
+    blur_sigma: Annotated[float, Field(ge=0, le=64, allow_inf_nan=False)]
+    threshold: FiniteFloat
+    score_min: FiniteFloat
+    score_max: FiniteFloat
+    threshold_quantile: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    # Runs written before this field existed averaged the border of the 3x3 aggregation over the
+    # inside pixels only: reading them keeps that, so an old run still gives its own numbers.
+    aggregation_border: Literal["zeros", "valid"] = "valid"
+    model_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
+    extra: RunExtra = {}
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in HEADS:
+            raise ValueError(f"unknown model {value!r}, expected one of {', '.join(sorted(HEADS))}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}, expected one of {', '.join(BACKBONES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if not self.score_min < self.score_max:
+            raise ValueError(f"score_min ({self.score_min}) must be below score_max ({self.score_max})")
+        if not self.score_min <= self.threshold <= self.score_max:
+            raise ValueError(
+                f"threshold ({self.threshold}) must lie between score_min and score_max "
+                f"({self.score_min}, {self.score_max})"
+            )
+        return self
 
     def to_json(self) -> dict[str, Any]:
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgead_version": __version__}
-        data.update(self.__dict__)
+        data.update(self.model_dump())
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path) -> RunConfig:
-        if data.get("format") != FORMAT:
+    def from_json(cls, data: Any, source: Path) -> RunConfig:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise RunFolderError(f"{source} is not an edgead run config (no 'format: {FORMAT}')")
         if data.get("format_version") != FORMAT_VERSION:
             raise RunFolderError(
-                f"{source} has run format version {data.get('format_version')}, this edgead reads "
+                f"{source} has run format version {data.get('format_version')!r}, this edgead reads "
                 f"{FORMAT_VERSION}: refit the model with this version"
             )
-        if data.get("model") not in HEADS:
-            raise RunFolderError(f"{source} names unknown model '{data.get('model')}'")
-        names = [f for f in cls.__dataclass_fields__ if f != "extra"]
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise RunFolderError(f"{source} lacks {', '.join(missing)}: it was not written by edgead fit")
-        return cls(**{n: data[n] for n in names}, extra=data.get("extra", {}))
+        fields = {k: v for k, v in data.items() if k not in ("format", "format_version", "edgead_version")}
+        try:
+            config = cls.model_validate(fields)
+        except ValidationError as exc:
+            raise RunFolderError(f"{source} is not a valid edgead run config: {describe(exc)}") from None
+        try:
+            create_head(config.model, **config.head)
+        except EdgeadError as exc:
+            raise RunFolderError(f"{source}: {exc}") from None
+        return config
 
 
 def build_from_config(config: RunConfig) -> Pipeline:
@@ -75,7 +146,11 @@ def build_from_config(config: RunConfig) -> Pipeline:
     expanded = (config.extra.get("pruned_channels") or {}).get("backbone")
     if expanded:
         backbone = create_backbone(
-            config.backbone, layers=layers, pretrained=False, expanded_channels=expanded
+            config.backbone,
+            layers=layers,
+            pretrained=False,
+            expanded_channels=expanded,
+            aggregation_border=config.aggregation_border,
         )
         head = create_head(config.model, **config.head)
         return Pipeline(backbone, head, image_size=config.image_size, blur_sigma=config.blur_sigma)
@@ -86,23 +161,44 @@ def build_from_config(config: RunConfig) -> Pipeline:
         layers=layers,
         pretrained=False,
         blur_sigma=config.blur_sigma,
+        aggregation_border=config.aggregation_border,
         **config.head,
     )
 
 
-def save_run(pipeline: Pipeline, config: RunConfig, run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def save_run(pipeline: Pipeline, config: RunConfig, run_dir: str | Path, force: bool = False) -> Path:
+    """Write the run folder atomically (a temporary sibling renamed into place), with the model's sha256.
+
+    An existing run folder is replaced only with ``force`` (and then wholly: no stale export/ or test/
+    is left beside the new model). Non-finite weights are refused: a diverged fit is not saved.
+    """
+    run_dir = check_output_dir(run_dir, CONFIG_FILE, force=force, kind="run")
     if not pipeline.head.is_fitted:
         raise EdgeadError("refusing to save an unfitted pipeline")
     tensors = {k: v.detach().contiguous().clone() for k, v in pipeline.state_dict().items()}
-    save_file(tensors, str(run_dir / WEIGHTS_FILE), metadata={"format": FORMAT, "model": config.model})
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise NonFiniteError(
+            f"the fitted model has NaN or infinite values in {', '.join(broken[:3])}: not saved "
+            "(a diverged fit, or degenerate training images)"
+        )
+    with atomic_dir(run_dir) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT, "model": config.model})
+        os.chmod(staging / WEIGHTS_FILE, default_file_mode())
+        config.model_sha256 = sha256_of(staging / WEIGHTS_FILE)
+        (staging / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
     return run_dir
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        hint = (
+            " (an exported file: export, budget and prune take the run folder it was exported from)"
+            if run_dir.suffix in (".onnx", ".xml", ".tflite")
+            else ""
+        )
+        raise RunFolderError(f"{run_dir} is a file, not a run folder{hint}: pass the folder `edgead fit` wrote")
     if not run_dir.is_dir():
         raise RunFolderError(f"run folder {run_dir} does not exist: make one with `edgead fit`")
     config_path = run_dir / CONFIG_FILE
@@ -126,6 +222,11 @@ def load_run(run_dir: str | Path, expect_model: str | None = None) -> tuple[Pipe
     weights_path = run_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise RunFolderError(f"{run_dir} has no {WEIGHTS_FILE}: the fit did not finish, refit the model")
+    if config.model_sha256 is not None and sha256_of(weights_path) != config.model_sha256:
+        raise RunFolderError(
+            f"{weights_path} does not match the sha256 recorded in {CONFIG_FILE}: the file was changed or "
+            "damaged since the fit; restore it or refit the model"
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -9,24 +9,76 @@ from __future__ import annotations
 import datetime as dt
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgead.backbones import BACKBONES
 from edgead.data.datasets import AnomalyDataset, open_dataset, split_validation
-from edgead.inference import extract_features, predict_samples
+from edgead.errors import NonFiniteError, UsageError
+from edgead.inference import iter_features, predict_samples
 from edgead.metrics import threshold_from_normal
-from edgead.models import Pipeline, create_pipeline
+from edgead.models import HEADS, Pipeline, create_head, create_pipeline
 from edgead.models.base import TrainableHead
-from edgead.runs import RunConfig, save_run
+from edgead.outputs import check_output_dir
+from edgead.runs import CONFIG_FILE, MAX_IMAGE_SIZE, RunConfig, save_run
+from edgead.validation import OpenRatio, PositiveInt, Ratio, Seed, describe
+
+
+class FitSettings(BaseModel):
+    """The options of a fit, with their types and ranges, checked before any image is read."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    model: str
+    backbone: str
+    image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)]
+    layers: tuple[Annotated[int, Field(ge=0, le=4)], ...] | None
+    validation_fraction: OpenRatio
+    threshold_quantile: Ratio
+    seed: Seed
+    batch_size: PositiveInt
+    aggregation_border: Literal["zeros", "valid"] | None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in HEADS:
+            raise ValueError(f"unknown model {value!r}: choose one of {', '.join(sorted(HEADS))}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}: choose one of {', '.join(BACKBONES)}")
+        return value
+
+    @classmethod
+    def check(cls, **values: Any) -> FitSettings:
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise UsageError(f"invalid fit option: {describe(exc)}") from None
 
 
 def calibrate(validation_scores: np.ndarray, quantile: float) -> dict[str, float]:
-    """Threshold from normal scores; normalisation maps min -> 0 and threshold -> 0.5."""
+    """Threshold from normal scores; normalisation maps min -> 0 and threshold -> 0.5.
+
+    Non-finite scores fail closed: a model that gives NaN or infinity on normal images is broken.
+    """
+    validation_scores = np.asarray(validation_scores, dtype=np.float64)
+    if not np.isfinite(validation_scores).all():
+        bad = int((~np.isfinite(validation_scores)).sum())
+        raise NonFiniteError(
+            f"the fitted model gives NaN or infinite scores on {bad} of {len(validation_scores)} normal "
+            "validation images: not saved (a diverged fit, broken weights, or degenerate images)"
+        )
     threshold = threshold_from_normal(validation_scores, quantile=quantile)
     score_min = float(np.min(validation_scores))
-    score_max = threshold + max(threshold - score_min, 1e-6)
+    score_max = threshold + max(threshold - score_min, 1e-6 * max(1.0, abs(threshold)))
     return {"threshold": threshold, "score_min": score_min, "score_max": score_max}
 
 
@@ -47,17 +99,34 @@ def fit_run(
     hyperparameters: dict[str, Any] | None = None,
     pipeline: Pipeline | None = None,
     extra: dict[str, Any] | None = None,
+    aggregation_border: str | None = None,
+    force: bool = False,
 ) -> tuple[Pipeline, RunConfig]:
     """Fit ``model`` on ``dataset``'s train/good images and save it to ``run_dir``.
 
     ``pipeline`` fits a prebuilt pipeline instead (e.g. a channel-pruned one from
     :mod:`edgead.deploy.prune`): its head is fitted (a trained head continues from its current weights),
     its backbone kept, and ``model``, ``backbone``, ``image_size``, ``layers`` and ``hyperparameters``
-    are taken from it. ``extra`` entries are added to the run config's ``extra``.
+    are taken from it. ``extra`` entries are added to the run config's ``extra``. An existing run in
+    ``run_dir`` is replaced only with ``force``; options and the output folder are checked first.
     """
-    torch.manual_seed(seed)
+    if pipeline is None:
+        FitSettings.check(
+            model=model,
+            backbone=backbone,
+            image_size=image_size,
+            layers=tuple(layers) if layers is not None else None,
+            validation_fraction=validation_fraction,
+            threshold_quantile=threshold_quantile,
+            seed=seed,
+            batch_size=batch_size,
+            aggregation_border=aggregation_border,
+        )
+        create_head(model, **dict(hyperparameters or {}))  # bad hyperparameters fail before any work
     data = dataset if isinstance(dataset, AnomalyDataset) else open_dataset(dataset)
     train, validation = split_validation(data.train, fraction=validation_fraction, seed=seed)
+    run_dir = check_output_dir(run_dir, CONFIG_FILE, force=force, kind="run")
+    torch.manual_seed(seed)
     if pipeline is None:
         pipeline = create_pipeline(
             model,
@@ -66,6 +135,7 @@ def fit_run(
             layers=layers,
             pretrained=pretrained,
             weights_path=weights_path,
+            aggregation_border=aggregation_border,
             **dict(hyperparameters or {}),
         )
     else:
@@ -74,11 +144,13 @@ def fit_run(
     if isinstance(pipeline.head, TrainableHead):
         pipeline.head.fit_samples(pipeline, train, progress=progress, validation=validation)
     else:
-        features = extract_features(
-            pipeline, train, batch_size=batch_size, progress=progress, desc="fit features"
+        # Streamed in a seeded random order: bounded memory, and PatchCore's coreset chunks are random
+        # samples of the training images.
+        order = np.random.default_rng(seed).permutation(len(train))
+        batches = iter_features(
+            pipeline, [train[i] for i in order], batch_size=batch_size, progress=progress, desc="fit"
         )
-        pipeline.head.fit(features, progress=progress)
-        del features
+        pipeline.head.fit_stream(batches, len(train), progress=progress)
     fit_seconds = time.perf_counter() - start
     validation_scores = predict_samples(
         pipeline, validation, batch_size=batch_size, progress=progress, desc="validation"
@@ -92,6 +164,7 @@ def fit_run(
         image_size=image_size,
         blur_sigma=pipeline.postprocess.sigma,
         threshold_quantile=threshold_quantile,
+        aggregation_border=pipeline.backbone.aggregation_border,
         extra={
             "dataset": str(Path(data.root).resolve()),
             "dataset_name": data.name,
@@ -113,5 +186,5 @@ def fit_run(
         },
         **calibration,
     )
-    save_run(pipeline, config, run_dir)
+    save_run(pipeline, config, run_dir, force=force)
     return pipeline, config

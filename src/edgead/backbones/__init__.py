@@ -15,7 +15,14 @@ from pathlib import Path
 
 from torch import nn
 
-from edgead.backbones.base import BackboneError, FeatureExtractor, check_layers, count_parameters
+from edgead.backbones.base import (
+    AGGREGATION_BORDERS,
+    DEFAULT_AGGREGATION_BORDER,
+    BackboneError,
+    FeatureExtractor,
+    check_layers,
+    count_parameters,
+)
 from edgead.backbones.efficientnet_lite import efficientnet_lite
 from edgead.backbones.mobilenet_v2 import mobilenet_v2
 from edgead.backbones.resnet import resnet18, wide_resnet50_2
@@ -74,6 +81,7 @@ def create_backbone(
     weights_path: str | Path | None = None,
     local_aggregation: int = 3,
     expanded_channels: Mapping[int | str, int] | None = None,
+    aggregation_border: str = DEFAULT_AGGREGATION_BORDER,
 ) -> FeatureExtractor:
     """Build a frozen feature extractor.
 
@@ -85,6 +93,7 @@ def create_backbone(
         weights_path: a local weights file; overrides the packaged one and is loaded even with
             ``pretrained=False``. Checked before use (see :mod:`edgead.backbones.weights`).
         local_aggregation: kernel of the stride-1 average pool over each chosen stage (1 = off).
+        aggregation_border: ``"zeros"`` or ``"valid"``, see :class:`FeatureExtractor`.
         expanded_channels: block index -> expanded channels of a channel-pruned EfficientNet-Lite
             (:mod:`edgead.deploy.prune`); its weights come from a run folder, never from ImageNet files.
 
@@ -101,10 +110,14 @@ def create_backbone(
     if pretrained or weights_path is not None:
         state = load_pretrained_state_dict(name, weights_path, arch=arch)
         arch.load_state_dict(state, strict=True)
-    return FeatureExtractor(arch, chosen, local_aggregation=local_aggregation, name=name)
+    return FeatureExtractor(
+        arch, chosen, local_aggregation=local_aggregation, name=name, aggregation_border=aggregation_border
+    )
 
 
 __all__ = [
+    "AGGREGATION_BORDERS",
+    "DEFAULT_AGGREGATION_BORDER",
     "BACKBONES",
     "DEFAULT_BACKBONE",
     "DEFAULT_LAYERS",

@@ -20,6 +20,10 @@ from torch import Tensor, nn
 
 from edgead.errors import EdgeadError
 
+# How the local-aggregation pool treats the border: pad with zeros, or average the inside pixels only.
+AGGREGATION_BORDERS: tuple[str, ...] = ("zeros", "valid")
+DEFAULT_AGGREGATION_BORDER = "zeros"
+
 
 class BackboneError(EdgeadError, ValueError):
     """A backbone was asked for by an unknown name or with stages it does not have."""
@@ -56,6 +60,11 @@ class FeatureExtractor(nn.Module):
             the stride-8 and stride-16 stages.
         local_aggregation: odd kernel size of the stride-1 average pool applied to every chosen
             output (PatchCore's "locally aware patch features"); 1 disables it.
+        aggregation_border: how that pool treats the image border. ``"zeros"`` (the default, as in
+            PatchCore's own code) pads with zeros and always divides by the full window, so border
+            patches keep a smaller magnitude than interior ones; ``"valid"`` averages only the pixels
+            inside the image (edgead's behaviour before 0.2; runs fitted that way keep it). Measured in
+            docs/results/aggregation_border.md.
         name: the registry name, kept for reports and saved runs.
 
     ``forward(x)`` takes an already normalised ``[N, 3, H, W]`` batch and returns
@@ -63,7 +72,12 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(
-        self, arch: nn.Module, layers: tuple[int, ...], local_aggregation: int = 3, name: str | None = None
+        self,
+        arch: nn.Module,
+        layers: tuple[int, ...],
+        local_aggregation: int = 3,
+        name: str | None = None,
+        aggregation_border: str = DEFAULT_AGGREGATION_BORDER,
     ) -> None:
         super().__init__()
         strides: list[int] = list(arch.stage_strides)
@@ -73,6 +87,10 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(
                 f"local_aggregation must be a positive odd kernel size (1 disables it), "
                 f"got {local_aggregation}."
+            )
+        if aggregation_border not in AGGREGATION_BORDERS:
+            raise BackboneError(
+                f"aggregation_border must be one of {', '.join(AGGREGATION_BORDERS)}, got {aggregation_border!r}."
             )
 
         # Keep only the stages that run: later ones are not referenced, so they are not part of this
@@ -84,12 +102,16 @@ class FeatureExtractor(nn.Module):
         self.layer_strides = tuple(strides[i] for i in layers)
         self.layer_channels = tuple(channels[i] for i in layers)
         self.local_aggregation = local_aggregation
+        self.aggregation_border = aggregation_border
         self.mean: tuple[float, float, float] = tuple(arch.mean)
         self.std: tuple[float, float, float] = tuple(arch.std)
         self.name = name or type(arch).__name__
         if local_aggregation > 1:
             self.pool: nn.Module = nn.AvgPool2d(
-                local_aggregation, stride=1, padding=local_aggregation // 2, count_include_pad=False
+                local_aggregation,
+                stride=1,
+                padding=local_aggregation // 2,
+                count_include_pad=aggregation_border == "zeros",
             )
         else:
             self.pool = nn.Identity()
@@ -132,7 +154,8 @@ class FeatureExtractor(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, layers={self.layers}, out_channels={self.out_channels}, "
-            f"stride={self.stride}, local_aggregation={self.local_aggregation}"
+            f"stride={self.stride}, local_aggregation={self.local_aggregation}, "
+            f"aggregation_border={self.aggregation_border!r}"
         )
 
 

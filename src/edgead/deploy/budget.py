@@ -5,11 +5,13 @@ The device profiles (memory, peak MAC/s, GMAC per joule, each with its source) l
 
 - **params and MACs** come from :func:`edgead.profiling.model_profile` (MACs of one image at batch 1:
   backbone + head + postprocess);
-- **weight bytes** at INT8: 1 byte per parameter. BatchNorm parameters are counted too, although
-  they fold into the convolution before them at deployment, so this is slightly pessimistic;
+- **weight bytes**: 1 byte per backbone parameter (INT8). The head's parameters count 1 byte only
+  on a device whose exporter quantizes the head (``head_in_int8`` in devices.json: the IMX500);
+  elsewhere edgead's INT8 files keep the head in float, so 4 bytes. BatchNorm parameters are counted
+  too, although they fold into the convolution before them at deployment (slightly pessimistic);
 - **data bytes**: what the head learned without gradients (memory bank, Gaussians, feature
-  statistics) is counted apart, also at 1 byte per value (int8 quantisation of that data; index
-  tensors at 1 byte per entry too);
+  statistics), counted apart: at 1 byte per value where the head is quantized, else at the bytes
+  the exported file stores them in (float32 Gaussians are 4 bytes each, not 1);
 - **peak activation bytes** at INT8 (1 byte per value), estimated from one traced forward pass of the
   whole exported graph (preprocess + backbone + head + postprocess) on one image: every torch
   operation is recorded with the tensors it reads and writes, and a tensor is live from the
@@ -47,6 +49,7 @@ from edgead.profiling import model_profile
 
 DEVICES_FILE = "devices.json"
 INT8_BYTES = 1
+FLOAT_BYTES = 4
 
 # Operations whose output may take over the buffer of their (dying) first input: element-wise ops
 # (torch tags them "pointwise"), BatchNorm (folds into the conv before it) and padding (fused into
@@ -204,8 +207,12 @@ def budget_report(pipeline: Pipeline, device: str, image_size: int | None = None
     pipeline.head.check_fitted()
     profile = model_profile(pipeline, image_size=image_size)
     activations = peak_activations(pipeline, image_size=image_size)
-    weight_bytes = profile["params"] * INT8_BYTES
-    data_bytes = profile["head_data_values"] * INT8_BYTES
+    head_in_int8 = bool(profile_.get("head_in_int8", {}).get("value", True))
+    head_weight_bytes = INT8_BYTES if head_in_int8 else FLOAT_BYTES
+    weight_bytes = profile["backbone_params"] * INT8_BYTES + profile["head_params"] * head_weight_bytes
+    # The head's data at the bytes the exported file stores it in (float) unless the device's exporter
+    # quantizes it: counting it at 1 byte would promise a 42 MB PaDiM file fits in 10 MB.
+    data_bytes = profile["head_data_values"] * INT8_BYTES if head_in_int8 else profile["head_data_bytes"]
     activation_bytes = activations["peak_values"] * INT8_BYTES
     total = weight_bytes + data_bytes + activation_bytes
     memory = profile_["memory_bytes"]
@@ -234,8 +241,14 @@ def budget_report(pipeline: Pipeline, device: str, image_size: int | None = None
         "headroom_bytes": memory["value"] - required,
         "latency_ms_lower_bound": macs / peak_rate * 1e3,
         "energy_mj_estimate": macs / (efficiency * 1e9) * 1e3,
+        "head_in_int8": head_in_int8,
         "assumptions": [
-            "INT8: 1 byte per weight, per data value and per activation value",
+            "INT8: 1 byte per backbone weight and per activation value"
+            + (
+                ", and per head weight and data value (the device's exporter quantizes the head)"
+                if head_in_int8
+                else "; the head's weights and data at the bytes the INT8 file stores them in (float)"
+            ),
             "data (memory bank, Gaussians, feature statistics) counted apart from weights",
             "activations: estimated peak of live tensors in one traced forward pass at batch 1 "
             "(element-wise ops, BatchNorm and padding reuse their dying input's buffer)",
@@ -267,6 +280,8 @@ def format_budget(report: dict[str, Any]) -> str:
         return f"{n / 1e6:.2f} MB" if abs(n) >= 10_000 else f"{n} bytes"
 
     verdict = "fits" if report["fits"] else "does NOT fit"
+    head = "int8" if report["head_in_int8"] else "float"
+    precision = "int8" if report["head_in_int8"] else "mixed"
     held = "weights + data" if report["memory_covers"] == "weights" else "weights + data + activations"
     lines = [
         f"device        {report['device']} ({report['device_name']})",
@@ -274,8 +289,9 @@ def format_budget(report: dict[str, Any]) -> str:
         f"params        {report['params'] / 1e6:.3f} M  (backbone {report['backbone_params'] / 1e6:.3f} M, "
         f"head {report['head_params'] / 1e6:.3f} M)",
         f"MACs          {report['macs'] / 1e9:.3f} G per image",
-        f"weights       {size(report['weight_bytes'])} (int8)",
-        f"data          {size(report['data_bytes'])} (int8: memory bank / Gaussians / statistics)",
+        f"weights       {size(report['weight_bytes'])} ({precision}: backbone int8, head {head})",
+        f"data          {size(report['data_bytes'])} ({head}: memory bank / Gaussians / statistics, as the "
+        "exported file holds them)",
         f"activations   {size(report['activation_bytes'])} peak (int8, estimate; at "
         f"{report['activation_peak_at']})",
         f"total         {size(report['total_bytes'])}",

@@ -20,9 +20,12 @@ from edgead.deploy.onnx_export import (
     train_images,
     validation_images,
 )
-from edgead.errors import EdgeadError
+from edgead.errors import EdgeadError, UsageError
+from edgead.outputs import check_work_dir
+from edgead.runs import read_config
 
 FORMATS = ("onnx", "openvino", "imx500")
+MIN_VALIDATION_IMAGES = 3  # below this, the INT8-vs-fp32 score check on validation images means nothing
 
 
 def export_run(
@@ -37,9 +40,14 @@ def export_run(
 ) -> dict[str, Any]:
     """Export ``run_dir`` to ``out_dir`` (default RUN/export); returns the files written and checks."""
     if fmt not in FORMATS:
-        raise EdgeadError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if not 1 <= calibration <= 10000:
+        raise UsageError(f"--calibration must be between 1 and 10000 images, got {calibration}")
+    if calibration_dir is not None and not Path(calibration_dir).is_dir():
+        raise EdgeadError(f"--calibration-dir {calibration_dir} is not a folder of images")
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "export"
+    read_config(run_dir)  # a missing or invalid run folder fails before anything is written
+    out_dir = check_work_dir(out_dir if out_dir is not None else run_dir / "export", "--out")
     if fmt == "imx500":
         from edgead.deploy.imx500 import export_imx500
 
@@ -87,7 +95,12 @@ def export_run(
                 onnx_path, out_dir / "model.int8.xml", images, validation=validation
             )
     report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
-    if validation is not None:
+    if validation is not None and len(validation) < MIN_VALIDATION_IMAGES:
+        report["int8_check"] = (
+            f"WARNING: the run holds only {len(validation)} normal validation image(s), too few to check the "
+            "INT8 scores against fp32; fit on more good images, then compare with `edgead test`"
+        )
+    elif validation is not None:
         for key in ("onnx_int8", "openvino_int8"):
             if key in report["files"]:
                 report[f"{key}_vs_fp32"] = int8_agreement(report["files"][key])

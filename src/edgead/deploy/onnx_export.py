@@ -6,36 +6,47 @@ Height and width are fixed; only the batch dimension is free, so one file serves
 batch 16 throughput.
 
 Memory-bank models keep their bank INSIDE the graph as a constant: PatchCore's nearest-neighbour
-search becomes a matrix product + min (exact, same numbers as faiss), PaDiM's Gaussians are
+search becomes a matrix product + min (exact; the torch run's HNSW index finds the same neighbours for all
+but a few patches, and the same maximum), PaDiM's Gaussians are
 constants of a batched matrix product. One self-contained file is what runtimes, quantizers and the
 edge device should receive; at the 2% coreset the bank is a few MB, well under ONNX's 2 GB limit.
 
 The run's threshold, normalisation, input format, model name and edgead version go into the ONNX
 metadata (``edgead_config`` holds the full run config as JSON), so an exported file can be tested
-and used for decisions without its run folder. A parity check against the torch pipeline runs on
-every export and fails the export above a tolerance.
+and used for decisions without its run folder. The metadata also records the sha256 of the graph
+(checked on every load: a changed byte is an error) and of the run's model file (so an INT8 file is
+compared only with the run it came from). A parity check against the torch pipeline runs on every
+export and fails the export above a tolerance, or on any NaN.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from edgead import __version__
-from edgead.errors import EdgeadError
+from edgead.errors import EdgeadError, NonFiniteError
 from edgead.models import Pipeline
+from edgead.models.patchcore import exact_search
+from edgead.outputs import atomic_file, atomic_write_bytes
 from edgead.runs import RunConfig, load_run
+from edgead.validation import describe
 
 OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 CONFIG_KEY = "edgead_config"
+GRAPH_HASH_KEY = "graph_sha256"
 IR_METADATA_KEY = "edgead_metadata"  # where an OpenVINO IR keeps the same metadata (rt_info, as JSON)
 
 
@@ -77,6 +88,7 @@ def metadata_for(config: RunConfig, input_dtype: str, run_dir: Path) -> dict[str
         "score_max": repr(config.score_max),
         "normalisation": "normalized = (score - score_min) / (score_max - score_min), 0.5 at the threshold",
         CONFIG_KEY: json.dumps(config.to_json()),
+        **({"source_model_sha256": config.model_sha256} if config.model_sha256 else {}),
     }
 
 
@@ -139,17 +151,28 @@ def to_input(images: np.ndarray, input_dtype: str) -> np.ndarray:
     return nchw if input_dtype == "uint8" else (nchw.astype(np.float32) / 255.0)
 
 
+def graph_sha256(model) -> str:
+    """sha256 of an ONNX model's graph (nodes and weights), the metadata excluded."""
+    return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+
+
 def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace the file's metadata (adding its graph's sha256) and rewrite it atomically.
+
+    Every ONNX file edgead writes ends here, so this is also where float16 data is put back into
+    float16 (:func:`keep_half_precision_constants`: quantizers and optimizers fold it into float32).
+    """
     import onnx
 
     model = onnx.load(str(path))
+    keep_half_precision_constants(model.graph)
     del model.metadata_props[:]
-    for key, value in metadata.items():
+    for key, value in {**metadata, GRAPH_HASH_KEY: graph_sha256(model)}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name, model.producer_version = "edgead", __version__
     onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def simplify_graph(path: Path) -> int:
@@ -209,6 +232,7 @@ def simplify_graph(path: Path) -> int:
     for pad in merged:
         graph.node.remove(pad)
     fold_affine_into_convs(graph)
+    keep_half_precision_constants(graph)
     used = {name for node in graph.node for name in node.input}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
@@ -217,6 +241,35 @@ def simplify_graph(path: Path) -> int:
         model.opset_import.remove(opset)  # ORT declares its own domains even where no node uses them
     onnx.save(model, str(path))
     return len(merged)
+
+
+def keep_half_precision_constants(graph, min_values: int = 1 << 16) -> int:
+    """Store large float32 constants whose values are all float16 values as float16 + one Cast.
+
+    A head that keeps its data in float16 (PaDiM's Gaussians) is traced as a float16 constant and a
+    Cast, which constant folding turns back into float32, doubling the file. Converting back is
+    exact (the values came from float16); runtimes fold the Cast once at load. Returns the count.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    converted = 0
+    for init in list(graph.initializer):
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(init)
+        if values.size < min_values:
+            continue
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(half, f"{init.name}/float16"))
+        cast = helper.make_node(
+            "Cast", [f"{init.name}/float16"], [init.name], name=f"{init.name}/to_float32", to=TensorProto.FLOAT
+        )
+        graph.node.insert(0, cast)
+        converted += 1
+    return converted
 
 
 def _is_pointwise_conv(node, constants: dict[str, np.ndarray]) -> bool:
@@ -292,6 +345,55 @@ def fold_affine_into_convs(graph) -> int:
     return len(folded)
 
 
+def _export_and_check(
+    graph: ExportGraph,
+    images: np.ndarray,
+    input_dtype: str,
+    path: Path,
+    tolerance: float,
+) -> tuple[float, float]:
+    """Trace ``graph`` to ``path``, simplify it, and compare it with torch; returns the max differences."""
+    import onnxruntime as ort
+
+    example = torch.from_numpy(to_input(images[:1], input_dtype))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                INPUT_NAME: {0: "batch"},
+                OUTPUT_NAMES[0]: {0: "batch"},
+                OUTPUT_NAMES[1]: {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    simplify_graph(path)
+
+    inputs = to_input(images, input_dtype)
+    with torch.no_grad(), exact_search(graph.pipeline.head):  # the graph holds PatchCore's exact kNN
+        ref_map, ref_score = (t.numpy() for t in graph(torch.from_numpy(inputs)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got_map, got_score = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
+    if not all(np.isfinite(a).all() for a in (ref_map, ref_score, got_map, got_score)):
+        raise NonFiniteError(
+            "ONNX parity check failed: the model gives NaN or infinite values (broken weights?); not exported"
+        )
+    diff_map = float(np.abs(got_map - ref_map).max())
+    diff_score = float(np.abs(got_score - ref_score).max())
+    scale = max(1.0, float(np.abs(ref_map).max()), float(np.abs(ref_score).max()))
+    if max(diff_map, diff_score) > tolerance * scale:
+        raise EdgeadError(
+            f"ONNX parity check failed: max |onnx - torch| = {max(diff_map, diff_score):.3g} "
+            f"(> {tolerance:g} x {scale:.3g}); the file was not written"
+        )
+    return diff_map, diff_score
+
+
 def export_onnx(
     run_dir: str | Path,
     out_path: str | Path,
@@ -303,53 +405,20 @@ def export_onnx(
 
     ``tolerance`` is relative: max |onnx - torch| / max(1, max |torch|) over maps and scores.
     """
-    import onnxruntime as ort
-
     pipeline, config = load_run(run_dir)
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise EdgeadError(f"the ONNX file name must end in .onnx, got {out_path}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     graph = ExportGraph(pipeline, input_dtype).eval()
     images = parity_images(config, max(n_parity, 1))
-    example = torch.from_numpy(to_input(images[:1], input_dtype))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(out_path),
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={
-                INPUT_NAME: {0: "batch"},
-                OUTPUT_NAMES[0]: {0: "batch"},
-                OUTPUT_NAMES[1]: {0: "batch"},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    simplify_graph(out_path)
-    write_metadata(out_path, metadata_for(config, input_dtype, Path(run_dir)))
-
-    inputs = to_input(images, input_dtype)
-    with torch.no_grad():
-        ref_map, ref_score = (t.numpy() for t in graph(torch.from_numpy(inputs)))
-    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-    got_map, got_score = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
-    diff_map = float(np.abs(got_map - ref_map).max())
-    diff_score = float(np.abs(got_score - ref_score).max())
-    scale = max(1.0, float(np.abs(ref_map).max()), float(np.abs(ref_score).max()))
-    if max(diff_map, diff_score) > tolerance * scale:
-        raise EdgeadError(
-            f"ONNX parity check failed: max |onnx - torch| = {max(diff_map, diff_score):.3g} "
-            f"(> {tolerance:g} x {scale:.3g}); the file {out_path} is not trustworthy"
-        )
+    with atomic_file(out_path) as staging:  # a failed export or parity check leaves no file behind
+        diff_map, diff_score = _export_and_check(graph, images, input_dtype, staging, tolerance)
+        write_metadata(staging, metadata_for(config, input_dtype, Path(run_dir)))
     return ExportResult(out_path, out_path.stat().st_size, diff_map, diff_score, len(images))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of an edgead ONNX file; a clear error for anything else."""
+    """The checked metadata of an edgead ONNX file; a clear error for anything else or a changed graph."""
     import onnx
 
     path = Path(path)
@@ -362,8 +431,75 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     metadata = {p.key: p.value for p in model.metadata_props}
     if CONFIG_KEY not in metadata:
         raise EdgeadError(f"{path} is an ONNX file but was not exported by edgead (no {CONFIG_KEY} metadata)")
+    check_metadata(metadata, path)
+    recorded = metadata.get(GRAPH_HASH_KEY)
+    if recorded is not None and recorded != graph_sha256(model):
+        raise EdgeadError(
+            f"{path} was changed or damaged after export: its graph does not match the sha256 in its "
+            "metadata; export the run again"
+        )
     return metadata
 
 
+FloatText = Annotated[str, AfterValidator(lambda text: _finite_float_text(text))]
+Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+
+
+def _finite_float_text(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return text
+
+
+class ExportMetadata(BaseModel):
+    """The metadata keys of an edgead ONNX file or OpenVINO IR, with their types: untrusted input."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source_run: str
+    edgead_version: str
+    model: str
+    backbone: str
+    input_size: Annotated[str, Field(pattern=r"^[0-9]{2,4}$")]
+    input_format: Literal["uint8 NCHW RGB, 0..255", "float32 NCHW RGB, 0..1"]
+    threshold: FloatText
+    score_min: FloatText
+    score_max: FloatText
+    normalisation: str
+    edgead_config: str
+    graph_sha256: Sha256 | None = None
+    weights_sha256: Sha256 | None = None
+    source_model_sha256: Sha256 | None = None
+    int8_float_stages: str | None = None
+    quantization: str | None = None
+    threshold_source: str | None = None
+    int8_score_error: FloatText | None = None
+    int8_rank_correlation: FloatText | None = None
+
+
+def check_metadata(metadata: dict[str, str], source: Path) -> RunConfig:
+    """Validate an exported file's metadata and the run config inside it; returns that config."""
+    try:
+        checked = ExportMetadata.model_validate(metadata)
+    except ValidationError as exc:
+        raise EdgeadError(f"{source} has invalid edgead metadata: {describe(exc)}") from None
+    try:
+        data = json.loads(checked.edgead_config)
+    except json.JSONDecodeError as exc:
+        raise EdgeadError(f"{source}: its {CONFIG_KEY} metadata is not valid JSON ({exc})") from None
+    config = RunConfig.from_json(data, source)
+    if (config.model, config.backbone, config.image_size) != (
+        checked.model,
+        checked.backbone,
+        int(checked.input_size),
+    ) or float(checked.threshold) != config.threshold:
+        raise EdgeadError(f"{source}: its metadata contradicts its {CONFIG_KEY} (edited by hand?)")
+    return config
+
+
 def config_from_metadata(metadata: dict[str, str], source: Path) -> RunConfig:
-    return RunConfig.from_json(json.loads(metadata[CONFIG_KEY]), source)
+    return check_metadata(metadata, source)

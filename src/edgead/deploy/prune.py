@@ -39,9 +39,10 @@ from torch import Tensor
 from edgead.backbones import PRUNABLE_BACKBONES, build_architecture, count_parameters, create_backbone
 from edgead.backbones.base import FeatureExtractor
 from edgead.backbones.efficientnet_lite import MBConvBlock
-from edgead.errors import DatasetError, EdgeadError
+from edgead.errors import DatasetError, EdgeadError, UsageError
 from edgead.models import Pipeline, TinyGlass, create_head
-from edgead.runs import RunConfig, load_run
+from edgead.outputs import check_output_dir
+from edgead.runs import CONFIG_FILE, RunConfig, load_run
 
 CHANNEL_DIVISOR = 8
 
@@ -74,7 +75,7 @@ _HIDDEN_DIMS = {
 def check_ratio(ratio: float) -> float:
     """The share of channels to remove, checked to lie strictly between 0 and 1."""
     if not 0 < ratio < 1:
-        raise EdgeadError(f"pruning ratio must be between 0 and 1 (exclusive), got {ratio}: e.g. 0.25 or 0.5")
+        raise UsageError(f"pruning ratio must be between 0 and 1 (exclusive), got {ratio}: e.g. 0.25 or 0.5")
     return float(ratio)
 
 
@@ -142,6 +143,7 @@ def prune_backbone(
         layers=extractor.layers,
         pretrained=False,
         local_aggregation=extractor.local_aggregation,
+        aggregation_border=extractor.aggregation_border,
         expanded_channels=widths,
     )
     pruned.load_state_dict(state, strict=True)
@@ -236,6 +238,7 @@ def prune_run(
     head: bool = True,
     stages: Sequence[int] | None = None,
     hyperparameters: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> tuple[Pipeline, RunConfig]:
     """Prune the run in ``run_dir`` by ``ratio`` (share of channels removed), refit it, save it to ``out_dir``.
 
@@ -250,16 +253,20 @@ def prune_run(
     from edgead.training import fit_run
 
     ratio = check_ratio(ratio)
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.resolve() == run_dir.resolve():
-        raise EdgeadError(f"the output folder must be a new folder, not the run being pruned ({run_dir})")
+    run_dir = Path(run_dir)
+    if Path(out_dir).resolve() == run_dir.resolve():
+        raise UsageError(f"the output folder must be a new folder, not the run being pruned ({run_dir})")
+    out_dir = check_output_dir(out_dir, CONFIG_FILE, force=force, kind="run")
     pipeline, config = load_run(run_dir)
     dataset = dataset or config.extra.get("dataset")
     if dataset is None:
-        raise DatasetError(f"{run_dir} does not record its training dataset: pass the dataset folder")
+        raise DatasetError(
+            f"{run_dir} does not record its training dataset: pass the folder with --dataset PATH"
+        )
     if not Path(dataset).exists():
         raise DatasetError(
-            f"the training dataset of {run_dir} ({dataset}) does not exist here: pass the dataset folder"
+            f"the training dataset of {run_dir} ({dataset}) does not exist here: pass its folder with "
+            "--dataset PATH"
         )
     pruned, summary = prune_pipeline(
         pipeline, ratio, backbone=backbone, head=head, stages=stages, hyperparameters=hyperparameters
@@ -277,4 +284,5 @@ def prune_run(
         weights_path=config.extra.get("weights_path"),
         progress=progress,
         extra=extra,
+        force=force,
     )

@@ -32,7 +32,9 @@ model's (``int8_score_error``: mean absolute difference over the normal score sp
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import tempfile
 from collections.abc import Callable
@@ -43,6 +45,7 @@ import numpy as np
 
 from edgead.deploy.onnx_export import (
     CONFIG_KEY,
+    GRAPH_HASH_KEY,
     INPUT_NAME,
     IR_METADATA_KEY,
     OUTPUT_NAMES,
@@ -448,10 +451,7 @@ def quantize_openvino(
     metadata["quantization"] = (
         f"int8 openvino nncf, {len(inputs)} images, {metadata[FLOAT_STAGES_KEY]}, fast bias correction"
     )
-    quantized.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, str(out_path), compress_to_fp16=False)
-    return out_path
+    return save_openvino(quantized, out_path, metadata)
 
 
 def _float_readers_openvino(model, keep_float: tuple[str, ...]) -> None:
@@ -475,7 +475,34 @@ def convert_openvino(model_path: str | Path, out_path: str | Path) -> Path:
     import openvino as ov
 
     metadata = read_metadata(model_path)
-    model = ov.Core().read_model(str(model_path))
+    return save_openvino(ov.Core().read_model(str(model_path)), out_path, metadata)
+
+
+def openvino_weights_sha256(model) -> str:
+    """sha256 over an OpenVINO model's constants (its weights), by name: what a changed .bin byte alters."""
+    digest = hashlib.sha256()
+    constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
+    for op in sorted(constants, key=lambda op: op.get_friendly_name()):
+        digest.update(op.get_friendly_name().encode())
+        digest.update(hashlib.sha256(np.ascontiguousarray(op.get_data()).tobytes()).digest())
+    return digest.hexdigest()
+
+
+def save_openvino(model, out_path: str | Path, metadata: dict[str, str]) -> Path:
+    """Save an IR (.xml + .bin) with edgead's metadata and its weights' sha256, via temporary names."""
+    import openvino as ov
+
+    out_path = Path(out_path)
+    metadata = {k: v for k, v in metadata.items() if k != GRAPH_HASH_KEY}  # that one is the ONNX graph's
+    metadata["weights_sha256"] = openvino_weights_sha256(model)
     model.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
-    ov.save_model(model, str(out_path), compress_to_fp16=False)
-    return Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_path.with_name(f".edgead-{out_path.stem}.partial.xml")
+    try:
+        ov.save_model(model, str(staging), compress_to_fp16=False)
+        os.replace(staging.with_suffix(".bin"), out_path.with_suffix(".bin"))
+        os.replace(staging, out_path)
+    finally:
+        staging.unlink(missing_ok=True)
+        staging.with_suffix(".bin").unlink(missing_ok=True)
+    return out_path

@@ -21,6 +21,7 @@ from edgead.deploy.onnx_export import (
     config_from_metadata,
     read_metadata,
 )
+from edgead.deploy.quantize import openvino_weights_sha256
 from edgead.errors import EdgeadError
 from edgead.runs import RunConfig, load_run
 
@@ -118,6 +119,14 @@ class OpenVinoInferencer(Inferencer):
                 metadata = json.loads(model.get_rt_info([IR_METADATA_KEY]).astype(str))
             except Exception as exc:
                 raise EdgeadError(f"{path} is not an OpenVINO IR written by edgead export ({exc})") from None
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise EdgeadError(f"{path} has invalid edgead metadata (not a JSON object of strings)")
+            recorded = metadata.get("weights_sha256")
+            if recorded is not None and recorded != openvino_weights_sha256(model):
+                raise EdgeadError(
+                    f"{path} was changed or damaged after export: its weights (.bin) do not match the "
+                    "sha256 in its metadata; export the run again"
+                )
         else:
             metadata = read_metadata(path)
             model = core.read_model(str(path))

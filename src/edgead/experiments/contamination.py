@@ -17,11 +17,13 @@ from typing import Any
 from edgead.benchmark import expand_datasets
 from edgead.data.contamination import anomalous_share, contaminate
 from edgead.data.datasets import AnomalyDataset, Sample, open_dataset
-from edgead.errors import EdgeadError
+from edgead.errors import UsageError
 from edgead.evaluation import score_predictions
 from edgead.inference import predict_samples
+from edgead.models import create_head
+from edgead.outputs import atomic_write_text, check_output_file, check_work_dir
 from edgead.reporting import markdown_table, results_header
-from edgead.training import fit_run
+from edgead.training import FitSettings, fit_run
 
 COLUMNS = [
     "ratio",
@@ -66,6 +68,7 @@ def contamination_one(
         seed=seed,
         progress=progress,
         hyperparameters=hyperparameters,
+        force=True,  # the runs folder is the experiment's own
     )
     predictions = predict_samples(pipeline, test, progress=progress)
     metrics = score_predictions(predictions, config)
@@ -148,15 +151,28 @@ def run_contamination(
     each ratio is scored on the test images it leaves.
     """
     if not ratios:
-        raise EdgeadError("give at least one contamination ratio, e.g. --ratios 0,0.1,0.2")
+        raise UsageError("give at least one contamination ratio, e.g. --ratios 0,0.1,0.2")
+    out_markdown = check_output_file(out_markdown, (".md",))
+    check_work_dir(runs_dir, "--runs-dir")
+    out_markdown.parent.mkdir(parents=True, exist_ok=True)  # the plots go beside it as datasets finish
+    FitSettings.check(
+        model=model,
+        backbone="efficientnet_lite0",
+        image_size=image_size,
+        layers=None,
+        validation_fraction=0.1,
+        threshold_quantile=0.99,
+        seed=seed,
+        batch_size=16,
+        aggregation_border=None,
+    )
+    create_head(model, **dict(hyperparameters or {}))
     # Open and contaminate everything first, so a bad path or ratio fails before any fitting.
     loaded = []
     for label, path in expand_datasets(datasets):
         data = open_dataset(path)
         loaded.append((label, data, scored_test_sets(data, ratios, seed, same_test_set)))
 
-    out_markdown = Path(out_markdown)
-    out_markdown.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         *results_header(f"Training-set contamination: {model} at {image_size}x{image_size}", command),
         f"- {RATIO_DEFINITION}",
@@ -191,6 +207,6 @@ def run_contamination(
         save_contamination_plot(plot, rows, f"{model} / {label}")
         lines += [f"## {label}", "", markdown_table(rows, COLUMNS), f"![{label}]({plot.name})", ""]
         all_rows += rows
-    out_markdown.write_text("\n".join(lines))
-    out_markdown.with_suffix(".json").write_text(json.dumps(all_rows, indent=2, default=str) + "\n")
+        atomic_write_text(out_markdown, "\n".join(lines))  # after every dataset: finished work is kept
+        atomic_write_text(out_markdown.with_suffix(".json"), json.dumps(all_rows, indent=2, default=str) + "\n")
     return all_rows

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgead.errors import EdgeadError
+from pydantic import ValidationError
+
+from edgead.errors import EdgeadError, UsageError
 from edgead.models.base import Head, Pipeline
 from edgead.models.glass import TinyGlass
 from edgead.models.padim import Padim
 from edgead.models.patchcore import PatchCore
+from edgead.validation import describe
 
 HEADS: dict[str, type[Head]] = {PatchCore.name: PatchCore, Padim.name: Padim, TinyGlass.name: TinyGlass}
 
@@ -22,8 +25,8 @@ def create_head(name: str, **hyperparameters: Any) -> Head:
         raise EdgeadError(f"unknown model '{name}': choose one of {', '.join(list_models())}")
     try:
         return HEADS[name](**hyperparameters)
-    except TypeError as exc:
-        raise EdgeadError(f"bad hyperparameters for model '{name}': {exc}") from None
+    except ValidationError as exc:
+        raise UsageError(f"bad hyperparameter for model '{name}': {describe(exc)}") from None
 
 
 def create_pipeline(
@@ -34,13 +37,23 @@ def create_pipeline(
     pretrained: bool = True,
     weights_path: str | None = None,
     blur_sigma: float = 4.0,
+    aggregation_border: str | None = None,
     **hyperparameters: Any,
 ) -> Pipeline:
-    """Build an unfitted pipeline, e.g. ``create_pipeline("patchcore", "efficientnet_lite0")``."""
-    from edgead.backbones import create_backbone
+    """Build an unfitted pipeline, e.g. ``create_pipeline("patchcore", "efficientnet_lite0")``.
+
+    ``aggregation_border`` None takes the backbone's default (see :class:`FeatureExtractor`).
+    """
+    from edgead.backbones import DEFAULT_AGGREGATION_BORDER, create_backbone
 
     head = create_head(model, **hyperparameters)
-    extractor = create_backbone(backbone, layers=layers, pretrained=pretrained, weights_path=weights_path)
+    extractor = create_backbone(
+        backbone,
+        layers=layers,
+        pretrained=pretrained,
+        weights_path=weights_path,
+        aggregation_border=aggregation_border or DEFAULT_AGGREGATION_BORDER,
+    )
     return Pipeline(extractor, head, image_size=image_size, blur_sigma=blur_sigma)
 
 

@@ -8,6 +8,7 @@ without pickle.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,14 @@ class Head(nn.Module):
     def fit(self, features: torch.Tensor, progress: bool = False) -> Head:
         """Learn from the features of normal training images, shape [N, C, h, w]."""
         raise NotImplementedError
+
+    def fit_stream(self, batches: Iterable[torch.Tensor], total: int, progress: bool = False) -> Head:
+        """Learn from feature batches [B, C, h, w] of ``total`` normal images, in any order.
+
+        Heads that fit in bounded memory (PatchCore, PaDiM) override this; the default gathers the
+        batches and calls :meth:`fit`.
+        """
+        return self.fit(torch.cat(list(batches)), progress=progress)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Patch scores [N, 1, h, w]: higher means more anomalous."""

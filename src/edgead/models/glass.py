@@ -26,18 +26,29 @@ and the best epoch's weights are kept. Without validation images the last epoch 
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from edgead.data.datasets import Sample
 from edgead.data.images import load_rgb, resize_image
+from edgead.errors import DatasetError
 from edgead.metrics import image_auroc
 from edgead.models.base import Pipeline, TrainableHead
 from edgead.progress import progress as progress_bar
+from edgead.validation import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Ratio,
+    Seed,
+    hyperparameters,
+)
 
 
 def focal_loss(probabilities: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -63,32 +74,29 @@ class TinyGlass(TrainableHead):
     name: ClassVar[str] = "tinyglass"
     fitted_buffers: ClassVar[tuple[str, ...]] = ("feature_mean_", "feature_std_")
 
+    @hyperparameters
     def __init__(
         self,
-        in_channels: int | None = None,
-        hidden: int = 256,
-        epochs: int = 30,
-        views: int = 4,
+        in_channels: PositiveInt | None = None,
+        hidden: PositiveInt = 256,
+        epochs: PositiveInt = 30,
+        views: PositiveInt = 4,
         augment: bool = True,
-        batch_size: int = 8,
-        patches_per_image: int = 256,
-        lr_adaptor: float = 1e-4,
-        lr_discriminator: float = 2e-4,
-        gas: str = "manifold",
-        noise_std: float = 0.015,
-        gas_steps: int = 5,
-        gas_step_size: float = 0.001,
-        radius: float = 0.5,
-        radius_quantile: float = 0.75,
+        batch_size: PositiveInt = 8,
+        patches_per_image: PositiveInt = 256,
+        lr_adaptor: PositiveFloat = 1e-4,
+        lr_discriminator: PositiveFloat = 2e-4,
+        gas: Literal["manifold", "hypersphere"] = "manifold",
+        noise_std: NonNegativeFloat = 0.015,
+        gas_steps: NonNegativeInt = 5,
+        gas_step_size: NonNegativeFloat = 0.001,
+        radius: PositiveFloat = 0.5,
+        radius_quantile: Ratio = 0.75,
         use_foreground: bool = False,
-        hard_mining: float = 0.5,
-        seed: int = 0,
+        hard_mining: Annotated[float, Field(ge=0, lt=1)] = 0.5,
+        seed: Seed = 0,
     ) -> None:
         super().__init__()
-        if not 0 <= hard_mining < 1:
-            raise ValueError(f"hard_mining must be in [0, 1), got {hard_mining}")
-        if gas not in ("manifold", "hypersphere"):
-            raise ValueError(f"gas must be 'manifold' or 'hypersphere', got {gas!r}")
         self.in_channels = in_channels
         self.hidden = hidden
         self.epochs = epochs
@@ -260,7 +268,7 @@ class TinyGlass(TrainableHead):
         validation: list[Sample] | None = None,
     ) -> TinyGlass:
         if len(samples) < 2:
-            raise ValueError("TinyGLASS needs at least 2 training images")
+            raise DatasetError("TinyGLASS needs at least 2 training images (after the validation split): add more defect-free images")
         normal, synthetic, masks = self._cache_views(pipeline, samples, progress)
         selection = self._selection_set(pipeline, validation, progress) if validation else None
         self.attach(normal.shape[1])

@@ -20,6 +20,7 @@ import numpy as np
 
 from edgead.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, list_images, load_rgb
 from edgead.errors import EdgeadError
+from edgead.runtime.cvpaths import readable_by_opencv, write_image
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -119,7 +120,8 @@ def is_video_file(path: Path) -> bool:
 def open_video(path: Path, max_frames: int | None = None) -> CaptureSource:
     if not path.is_file():
         raise SourceError(f"video {path} does not exist; check the path")
-    capture = cv2.VideoCapture(str(path))
+    with readable_by_opencv(path) as opencv_path:  # the link may go once the file is open
+        capture = cv2.VideoCapture(opencv_path)
     if not capture.isOpened():
         raise SourceError(
             f"cannot open video {path}: not a video or an unsupported codec; re-encode it as mp4"
@@ -244,9 +246,7 @@ def save_frames(video: str | Path, folder: str | Path, every: int = 1, max_frame
     try:
         for frame in source:
             if frame.index % every == 0:
-                cv2.imwrite(
-                    str(folder / f"{frame.index:05d}.png"), cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
-                )
+                write_image(folder / f"{frame.index:05d}.png", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
                 saved += 1
                 if max_frames is not None and saved >= max_frames:
                     break

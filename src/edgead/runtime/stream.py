@@ -14,6 +14,8 @@ A frame that cannot be read or scored is recorded in the CSV and skipped; the lo
 from __future__ import annotations
 
 import csv
+import io
+import math
 import queue
 import threading
 import time
@@ -29,14 +31,17 @@ import torch
 
 from edgead.data.images import resize_image
 from edgead.deploy.runtimes import Inferencer, load_inferencer
-from edgead.errors import EdgeadError
+from edgead.errors import EdgeadError, NonFiniteError, UsageError
 from edgead.metrics import normalize_scores
+from edgead.outputs import atomic_write_text, check_output_dir
 from edgead.progress import progress as progress_bar
 from edgead.runtime.annotate import annotate_frame
+from edgead.runtime.cvpaths import WritablePath, printable, write_image
 from edgead.runtime.privacy import PrivacyFilter
 from edgead.runtime.sources import CaptureSource, Frame, FrameSource, open_source, prefetch
 
 VIDEO_CODECS = {"mp4": "mp4v", "webm": "VP80", "avi": "MJPG"}
+PREDICTIONS_CSV = "predictions.csv"
 OUTPUTS = ("auto", "video", "png", "none")
 
 
@@ -159,6 +164,7 @@ class _Writer:
         self.thread.join()
         if self.video is not None:
             self.video.release()
+            self.video_target.finish()
         if self.error is not None:
             raise EdgeadError(f"writing the output failed: {self.error}") from self.error
 
@@ -174,7 +180,8 @@ class _Writer:
         self.size = (width, height)
         self.video_path.parent.mkdir(parents=True, exist_ok=True)
         fourcc = cv2.VideoWriter_fourcc(*self.codec)
-        self.video = cv2.VideoWriter(str(self.video_path), fourcc, self.fps, self.size)
+        self.video_target = WritablePath(self.video_path)
+        self.video = cv2.VideoWriter(self.video_target.opencv_path, fourcc, self.fps, self.size)
         if not self.video.isOpened():
             raise EdgeadError(
                 f"OpenCV cannot write {self.video_path} with codec {self.codec}; try --video-format avi"
@@ -206,20 +213,23 @@ class _Writer:
         elif self.png_dir is not None:
             stem = Path(frame.name).stem.replace(" ", "_")
             result.output = self.png_dir / f"{frame.index:04d}_{stem}.png"
-            if not cv2.imwrite(str(result.output), cv2.cvtColor(annotated, cv2.COLOR_RGB2BGR)):
-                raise EdgeadError(f"cannot write {result.output}")
+            write_image(result.output, cv2.cvtColor(annotated, cv2.COLOR_RGB2BGR))
 
 
 def write_frames_csv(path: Path, results: list[FrameResult]) -> Path:
-    """One row per frame, the columns of :class:`FrameResult`."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(FrameResult)])
-        writer.writeheader()
-        for result in results:
-            row = asdict(result)
-            if result.inference_ms is not None:
-                row["inference_ms"] = round(result.inference_ms, 3)
-            writer.writerow(row)
+    """One row per frame, the columns of :class:`FrameResult`; written atomically, names made printable."""
+    handle = io.StringIO()
+    writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(FrameResult)])
+    writer.writeheader()
+    for result in results:
+        row = asdict(result)
+        row["name"] = printable(result.name)
+        if result.output is not None:
+            row["output"] = printable(str(result.output))
+        if result.inference_ms is not None:
+            row["inference_ms"] = round(result.inference_ms, 3)
+        writer.writerow(row)
+    atomic_write_text(path, handle.getvalue())
     return path
 
 
@@ -249,16 +259,20 @@ def run_stream(
     2-core machine 1 leaves a core to the decoder and encoder threads.
     """
     if output not in OUTPUTS:
-        raise EdgeadError(f"--output {output!r}: choose one of {', '.join(OUTPUTS)}")
+        raise UsageError(f"--output {output!r}: choose one of {', '.join(OUTPUTS)}")
     if video_format not in VIDEO_CODECS:
-        raise EdgeadError(f"--video-format {video_format!r}: choose one of {', '.join(VIDEO_CODECS)}")
+        raise UsageError(f"--video-format {video_format!r}: choose one of {', '.join(VIDEO_CODECS)}")
+    if max_frames is not None and max_frames < 1:
+        raise UsageError(f"--max-frames must be at least 1, got {max_frames}")
+    if threads is not None and not 1 <= threads <= 256:
+        raise UsageError(f"--threads must be between 1 and 256, got {threads}")
     privacy = PrivacyFilter(blur, blur_regions)  # bad options fail before anything is opened
+    out_dir = check_output_dir(out_dir, PREDICTIONS_CSV, kind="predictions")
     model = model if isinstance(model, Inferencer) else load_inferencer(model, runtime, threads)
     config = model.config
     source = sources if isinstance(sources, FrameSource) else open_source(sources, max_frames)
     if output == "auto":
         output = "png" if source.kind == "images" else "video"
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -282,6 +296,8 @@ def run_stream(
                     tick = time.perf_counter()
                     anomaly_map, result.score = _score(model, item.model_input)
                     result.inference_ms = (time.perf_counter() - tick) * 1000
+                    if not (math.isfinite(result.score) and np.isfinite(anomaly_map).all()):
+                        raise NonFiniteError("the model gave a NaN or infinite score: it is broken")
                     result.normalized_score = float(
                         normalize_scores(
                             np.array([result.score]), config.threshold, config.score_min, config.score_max
@@ -290,6 +306,8 @@ def run_stream(
                     result.decision = "anomalous" if result.score >= config.threshold else "normal"
                 except Exception as exc:  # noqa: BLE001 - one frame's failure is recorded, the loop goes on
                     result.error, frame.image = f"inference failed: {exc}", None
+                    result.score = result.normalized_score = result.decision = None  # failed, never "normal"
+                    anomaly_map = None
             recent.append(time.perf_counter())
             fps = (
                 (len(recent) - 1) / (recent[-1] - recent[0])
@@ -311,7 +329,7 @@ def run_stream(
         warnings.append(source.ended_early)
     if not results:
         warnings.append("the source gave no frames")
-    csv_path = write_frames_csv(out_dir / "predictions.csv", results)
+    csv_path = write_frames_csv(out_dir / PREDICTIONS_CSV, results)
     return StreamSummary(
         source=", ".join(map(str, sources))
         if not isinstance(sources, FrameSource)
