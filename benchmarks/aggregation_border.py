@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgead.reporting import markdown_table, results_header
+from edgead.reporting import results_page
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -28,6 +28,20 @@ def load(paths: list[Path]) -> dict[tuple[str, str], dict]:
             if row.get("runtime", "torch") == "torch" and row["layers"] == "2,3":
                 rows[(row["dataset"], row["model"])] = row
     return rows
+
+
+def summary_notes(rows: list[dict]) -> list[str]:
+    """One line per model: the image AUROC of each dataset before -> after, so the pages can cite it."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        moves = ", ".join(
+            f"{r['dataset']} {r['image_auroc_valid']:.3f} -> {r['image_auroc_zeros']:.3f} "
+            f"({r['image_change_points']:+.1f})"
+            for r in rows
+            if r["model"] == model
+        )
+        notes.append(f"{model}, image AUROC valid -> zeros (points): {moves}.")
+    return notes
 
 
 def main() -> None:
@@ -60,28 +74,21 @@ def main() -> None:
             }
         )
         means[-1]["change_points"] = 100 * (means[-1]["mean_image_auroc_zeros"] - means[-1]["mean_image_auroc_valid"])
-    lines = [
-        *results_header(
-            "3x3 feature aggregation at the image border: inside-pixels average (valid) vs zero padding (zeros)",
-            " && ".join(args.command) or None,
-        ),
-        "- valid = `AvgPool2d(3, stride=1, padding=1, count_include_pad=False)` (edgead before this change): "
-        "a border patch averages only the pixels inside the feature map. zeros = `count_include_pad=True`, "
-        "as in PatchCore's own code: the window is zero-padded and always divided by 9, so border and corner "
-        "patches shrink to 6/9 and 4/9 of their magnitude.",
-        "- Everything else identical (EfficientNet-Lite0, stride 8 + 16, 256x256, each model's defaults, same "
-        "seeds). The test sets have 40-63 anomalous images: changes under about 1 point are noise.",
-        "",
-        "## Mean image AUROC per model",
-        "",
-        markdown_table(means, list(means[0])),
-        "",
-        "## Per dataset",
-        "",
-        markdown_table(rows, list(rows[0])),
-        "",
-    ]
-    args.out.write_text("\n".join(lines))
+    page = results_page(
+        "3x3 feature aggregation at the image border: inside-pixels average (valid) vs zero padding (zeros)",
+        " && ".join(args.command) or None,
+        [
+            "valid = `AvgPool2d(3, stride=1, padding=1, count_include_pad=False)` (edgead before this change): "
+            "a border patch averages only the pixels inside the feature map. zeros = `count_include_pad=True`, "
+            "as in PatchCore's own code: the window is zero-padded and always divided by 9, so border and "
+            "corner patches shrink to 6/9 and 4/9 of their magnitude.",
+            "Everything else identical (EfficientNet-Lite0, stride 8 + 16, 256x256, each model's defaults, same "
+            "seeds). The test sets have 40-63 anomalous images: changes under about 1 point are noise.",
+            *summary_notes(rows),
+        ],
+        [("Mean image AUROC per model", means, list(means[0])), ("Per dataset", rows, list(rows[0]))],
+    )
+    args.out.write_text(page)
     print(args.out.read_text())
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from edgead.data.datasets import ImageDataset, open_dataset, split_validation
-from edgead.inference import extract_features
+from edgead.inference import extract_features, score_features
 from edgead.metrics import aupro, image_auroc, pixel_auroc
 from edgead.models import Padim, create_pipeline
-from edgead.reporting import markdown_table, results_header
+from edgead.reporting import results_page
 
 CHANNELS = (152, 100, 64, 50, 32)
 
@@ -39,20 +39,15 @@ def measure(dataset: Path) -> list[dict]:
         masks = np.stack([images[i]["mask"][0].numpy() > 0.5 for i in range(len(images))])
     rows = []
     for n_features in CHANNELS:
-        head = Padim(n_features=n_features).fit(train_features)
+        head = Padim(n_features=n_features, storage="float32").fit(train_features)
         pipeline.head = head
         full = {k: getattr(head, k).clone() for k in ("mean_", "cov_inv_")}
         for storage in ("float32", "float16"):
             if storage == "float16":
                 head.mean_ = full["mean_"].half().float()
                 head.cov_inv_ = full["cov_inv_"].half().float()
-            maps, scores = [], []
-            with torch.no_grad():
-                for part in test_features.split(16):
-                    m, s = pipeline.score_features(part)
-                    maps.append(m[:, 0].numpy())
-                    scores.append(s.numpy())
-            maps_all, scores_all = np.concatenate(maps), np.concatenate(scores)
+                head.on_fitted()
+            maps_all, scores_all = score_features(pipeline, test_features)
             values = head.mean_.numel() + head.cov_inv_.numel()
             row = {
                 "dataset": dataset.name,
@@ -87,23 +82,18 @@ def main() -> None:
                 }
             )
     command = "python benchmarks/padim_storage.py " + " ".join(map(str, args.datasets)) + f" --out {args.out}"
-    lines = [
-        *results_header("PaDiM: channel subset and float16 storage of the Gaussians", command),
-        "- EfficientNet-Lite0 stride 8 + 16 (152 channels), 256x256, zero-padded 3x3 aggregation; PaDiM with "
-        "a seeded random channel subset (seed 0; 152 = all channels), epsilon 0.01. float16 = the fitted "
-        "mean and inverse covariance rounded to float16 and computed in float32. Nothing chosen on a test set "
-        "per category; the same settings everywhere.",
-        "",
-        "## Mean image AUROC over the datasets",
-        "",
-        markdown_table(means, list(means[0])),
-        "",
-        "## Per dataset",
-        "",
-        markdown_table(rows, list(rows[0])),
-        "",
-    ]
-    args.out.write_text("\n".join(lines))
+    page = results_page(
+        "PaDiM: channel subset and float16 storage of the Gaussians",
+        command,
+        [
+            "EfficientNet-Lite0 stride 8 + 16 (152 channels), 256x256, zero-padded 3x3 aggregation; PaDiM with "
+            "a seeded random channel subset (seed 0; 152 = all channels), epsilon 0.01. float16 = the fitted "
+            "mean and inverse covariance rounded to float16 and computed in float32. Nothing chosen on a test "
+            "set per category; the same settings everywhere."
+        ],
+        [("Mean image AUROC over the datasets", means, list(means[0])), ("Per dataset", rows, list(rows[0]))],
+    )
+    args.out.write_text(page)
     print(args.out.read_text())
 
 

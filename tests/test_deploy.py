@@ -45,9 +45,9 @@ def test_onnx_file_is_self_contained_and_carries_the_decision_rule(fitted_run: P
     assert metadata["model"] == "patchcore" and metadata["input_size"] == "128"
     model = onnx.load(str(exported))
     assert model.opset_import[0].version == 17
-    # The memory bank is a constant inside the graph, not a side file.
+    # The memory bank is a constant inside the graph (stored transposed for the matrix product), not a side file.
     bank_shape = tuple(load_run(fitted_run)[0].head.memory_bank_.shape)
-    assert any(tuple(init.dims) == bank_shape for init in model.graph.initializer)
+    assert any(tuple(init.dims) in (bank_shape, bank_shape[::-1]) for init in model.graph.initializer)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1:] == [3, 128, 128]
     # Standard ONNX only, and the backbone's SAME paddings live inside its convolutions: no Pad is left
@@ -325,3 +325,4 @@ def test_rounding_bias_correction_removes_the_mean_output_shift(groups: int, tmp
     assert correct_rounding_bias(quantized_path, float_path, inputs) == 1
     after = mean_shift()
     assert before > 0.01 and after < before / 5
+

@@ -108,7 +108,7 @@ def test_head_localises_an_outlier_patch(head):
 
 
 def test_patchcore_bank_size_and_reweighting():
-    head = PatchCore(coreset_ratio=0.1, num_neighbours=5).fit(normal_features())
+    head = PatchCore(coreset_ratio=0.1, num_neighbours=5, image_score="reweighted").fit(normal_features())
     assert head.memory_bank_.shape == (128, 16)
     assert head.bank_neighbours_.shape == (128, 5)
     # Each bank entry is its own nearest neighbour.
@@ -120,6 +120,16 @@ def test_patchcore_bank_size_and_reweighting():
     raw_max = patch_scores.flatten(1).max(1).values
     assert torch.all(image_scores > 0) and torch.all(image_scores <= raw_max)
     assert torch.argmax(image_scores).item() == 2
+
+
+def test_patchcore_default_image_score_is_the_maps_maximum():
+    from edgead.models import create_pipeline
+
+    pipeline = create_pipeline("patchcore", pretrained=False, image_size=64)
+    pipeline.head.fit(pipeline.features(torch.rand(3, 3, 64, 64)))
+    maps, scores = pipeline.predict(torch.rand(2, 3, 64, 64))
+    assert torch.equal(scores, maps.flatten(1).max(dim=1).values)
+    assert len(pipeline.head.bank_neighbours_) == 0  # only the reweighting needs them
 
 
 def test_unfitted_head_and_bad_hyperparameters():

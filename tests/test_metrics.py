@@ -15,6 +15,7 @@ from edgead.metrics import (
     image_auroc,
     normalize_scores,
     pixel_auroc,
+    pixel_f1_max,
     pixel_roc_curve,
     precision_recall_at,
     pro_curve,
@@ -197,6 +198,21 @@ def test_f1_max_known_case():
     assert f1 == pytest.approx(0.8)
     assert threshold == pytest.approx(0.4)
     assert all(math.isnan(v) for v in f1_max([0, 0], [0.1, 0.2]))
+
+
+def test_pixel_f1_max_against_brute_force():
+    rng = np.random.default_rng(3)
+    masks = rng.random((3, 8, 8)) < 0.2
+    maps = np.round(rng.random((3, 8, 8)) + 0.5 * masks, 1)  # rounded: many ties, which form one step
+    best = max(
+        2 * np.sum((maps >= t) & masks) / (np.sum(maps >= t) + masks.sum()) for t in np.unique(maps)
+    )
+    f1, threshold = pixel_f1_max(masks, maps)
+    assert f1 == pytest.approx(best)
+    assert 2 * np.sum((maps >= threshold) & masks) / (np.sum(maps >= threshold) + masks.sum()) == pytest.approx(f1)
+    assert pixel_f1_max(masks, maps)[0] == pytest.approx(f1_max(masks.ravel(), maps.ravel())[0])
+    assert pixel_f1_max(masks, masks * 2.0) == (1.0, 2.0)
+    assert all(math.isnan(v) for v in pixel_f1_max(np.zeros((2, 4, 4), bool), maps[:2, :4, :4]))
 
 
 def test_threshold_from_normal_is_a_quantile_of_normal_scores():

@@ -116,3 +116,19 @@ def test_benchmark_writes_table_and_json(synthetic_dataset: Path, tmp_path: Path
     table = out.read_text()
     assert "edgead benchmark (test)" in table and table.count("| parts |") == 2
     assert json.loads(out.with_suffix(".json").read_text())[0]["model"] == "padim"
+
+
+def test_threshold_from_a_separate_folder_of_good_images(synthetic_dataset: Path, tmp_path: Path):
+    """With --validation, every training image is fitted and the threshold comes from the other folder."""
+    from edgead.training import fit_run
+
+    held_out = tmp_path / "line_recording" / "good"
+    held_out.mkdir(parents=True)
+    for image in sorted((synthetic_dataset / "test" / "good").glob("*.png"))[:5]:
+        shutil.copy(image, held_out / image.name)
+    _, config = fit_run(
+        synthetic_dataset, tmp_path / "run", model="padim", image_size=64, pretrained=False, progress=False,
+        validation_dataset=held_out.parent,
+    )
+    assert config.extra["n_train"] == len(list((synthetic_dataset / "train" / "good").glob("*.png")))
+    assert config.extra["n_validation"] == 5

@@ -33,6 +33,24 @@ def edgead(*args: str | os.PathLike | bytes, cwd: Path | None = None) -> subproc
     )
 
 
+def edgead_inprocess(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """The same command through ``edgead.cli.main`` in this process: for the many option cases that must
+    fail before any work (one subprocess per class checks the real process too)."""
+    from edgead.cli import main
+
+    capsys.readouterr()
+    argv, sys.argv = sys.argv, ["edgead", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def assert_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
     """Exactly one `error:` line on stderr, no traceback, the expected exit code; returns the line."""
     assert "Traceback" not in result.stderr, result.stderr
@@ -63,23 +81,22 @@ def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
 # --- output paths are checked before the work, and finished work is never lost ----------------------
 
 
-def test_output_paths_are_checked_before_any_work(synthetic_dataset: Path, padim_run: Path, tmp_path: Path):
+def test_output_paths_are_checked_before_any_work(synthetic_dataset: Path, padim_run: Path, tmp_path: Path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
-    assert_error(edgead("fit", synthetic_dataset, "--out", a_file), 1, "is a file")
-    assert_error(edgead("fit", synthetic_dataset, "--out", a_file / "run"), 1, "is a file")
-    assert_error(edgead("fit", synthetic_dataset, "--out", ""), 2, "--out is empty")
+    assert_error(edgead("fit", synthetic_dataset, "--out", a_file), 1, "is a file")  # a real process once
+    assert_error(edgead_inprocess(capsys, "fit", synthetic_dataset, "--out", a_file / "run"), 1, "is a file")
+    assert_error(edgead_inprocess(capsys, "fit", synthetic_dataset, "--out", ""), 2, "--out is empty")
     assert a_file.read_text() == "mine"
     foreign = tmp_path / "documents"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("years of work")
     for args in (("fit", synthetic_dataset, "--force"), ("test", padim_run), ("predict", padim_run, a_file)):
-        assert_error(edgead(*args, "--out", foreign), 1, "other files")
+        assert_error(edgead_inprocess(capsys, *args, "--out", foreign), 1, "other files")
     assert (foreign / "thesis.txt").read_text() == "years of work"
-    assert_error(
-        edgead("benchmark", synthetic_dataset, "--models", "padim", "--out", tmp_path), 1, "is a folder"
-    )
-    assert_error(edgead("export", padim_run, "--out", a_file), 1, "is a file")
+    bench = ("benchmark", synthetic_dataset, "--models", "padim", "--out", tmp_path)
+    assert_error(edgead_inprocess(capsys, *bench), 1, "is a folder")
+    assert_error(edgead_inprocess(capsys, "export", padim_run, "--out", a_file), 1, "is a file")
 
 
 def test_benchmark_keeps_the_rows_that_finished_when_one_dataset_fails(synthetic_dataset: Path, tmp_path: Path):
@@ -148,19 +165,32 @@ def test_int8_file_is_not_compared_with_a_refitted_run(synthetic_dataset: Path, 
         (("--layers", "2,x"), "--layers"),
     ],
 )
-def test_fit_options_are_checked_first(args, fragment, synthetic_dataset: Path, tmp_path: Path):
-    assert_error(edgead("fit", synthetic_dataset, "--out", tmp_path / "run", *args), 2, fragment)
+def test_fit_options_are_checked_first(args, fragment, synthetic_dataset: Path, tmp_path: Path, capsys):
+    assert_error(edgead_inprocess(capsys, "fit", synthetic_dataset, "--out", tmp_path / "run", *args), 2, fragment)
     assert not (tmp_path / "run").exists()
 
 
-def test_other_commands_check_their_options(synthetic_dataset: Path, padim_run: Path, tmp_path: Path):
+def test_a_bad_option_in_a_real_process(synthetic_dataset: Path, tmp_path: Path):
+    assert_error(edgead("fit", synthetic_dataset, "--out", tmp_path / "run", "-p", "coreset_ratio=2"), 2, "coreset_ratio")
+
+
+def test_other_commands_check_their_options(synthetic_dataset: Path, padim_run: Path, tmp_path: Path, capsys):
     image = next((synthetic_dataset / "test" / "good").iterdir())
-    assert_error(edgead("predict", padim_run, image, "--max-frames", "0", "--out", tmp_path / "p"), 2, "--max-frames")
-    assert_error(edgead("predict", padim_run, image, "--threads", "0", "--out", tmp_path / "p"), 2, "--threads")
-    assert_error(edgead("export", padim_run, "--int8", "--calibration", "0"), 2, "--calibration")
-    assert_error(edgead("benchmark", synthetic_dataset, "--models", ",", "--out", tmp_path / "b.md"), 2, "--models")
-    assert_error(edgead("prune", padim_run, "--ratio", "1.5"), 2, "ratio")
-    assert_error(edgead("export", padim_run, "--format", "coreml"), 2, "coreml")
+    cases = [
+        (("predict", padim_run, image, "--max-frames", "0", "--out", tmp_path / "p"), "--max-frames"),
+        (("predict", padim_run, image, "--threads", "0", "--out", tmp_path / "p"), "--threads"),
+        (("export", padim_run, "--int8", "--calibration", "0"), "--calibration"),
+        (("benchmark", synthetic_dataset, "--models", ",", "--out", tmp_path / "b.md"), "--models"),
+        (("benchmark", synthetic_dataset, "--layers", "9", "--out", tmp_path / "b.md"), "layers"),
+        (("prune", padim_run, "--ratio", "1.5"), "ratio"),
+        (("export", padim_run, "--format", "coreml"), "coreml"),
+        (("budget", padim_run, "--image-size", "100"), "--image-size"),
+        (("budget", padim_run, "--device", "iphone"), "unknown device"),
+        (("demo", "--seconds", "0", "--out", tmp_path / "demo"), "--seconds"),
+    ]
+    for args, fragment in cases:
+        assert_error(edgead_inprocess(capsys, *args), 2, fragment)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "demo").exists()
 
 
 @pytest.mark.parametrize(
@@ -176,7 +206,7 @@ def test_other_commands_check_their_options(synthetic_dataset: Path, padim_run: 
         ("extra", {"n_train": "many"}, "n_train"),
     ],
 )
-def test_tampered_config_json_is_a_clear_error(field, value, fragment, padim_run: Path, tmp_path: Path):
+def test_tampered_config_json_is_a_clear_error(field, value, fragment, padim_run: Path, tmp_path: Path, capsys):
     run = copy_run(padim_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
     if value == "SAME_AS_MIN":
@@ -185,7 +215,7 @@ def test_tampered_config_json_is_a_clear_error(field, value, fragment, padim_run
         value = {**config["extra"], **value}
     config[field] = value
     (run / "config.json").write_text(json.dumps(config))
-    assert_error(edgead("test", run), 1, fragment)
+    assert_error(edgead_inprocess(capsys, "test", run), 1, fragment)
 
 
 def test_flipped_byte_in_a_model_file_is_detected(padim_run: Path, tmp_path: Path):
@@ -285,12 +315,13 @@ def test_predict_handles_non_utf8_file_and_folder_names(synthetic_dataset: Path,
 # --- messages that say what is wrong ----------------------------------------------------------------------
 
 
-def test_an_exported_file_where_a_run_folder_is_expected(padim_run: Path, tmp_path: Path):
+def test_an_exported_file_where_a_run_folder_is_expected(padim_run: Path, tmp_path: Path, capsys):
     run = copy_run(padim_run, tmp_path)
     assert edgead("export", run).returncode == 0
     onnx_file = run / "export" / "model.onnx"
+    assert_error(edgead("budget", onnx_file), 1, "is a file, not a run folder")
     for command in ("export", "budget", "prune", "profile"):
-        line = assert_error(edgead(command, onnx_file), 1, "is a file, not a run folder")
+        line = assert_error(edgead_inprocess(capsys, command, onnx_file), 1, "is a file, not a run folder")
         assert "does not exist" not in line
 
 

@@ -256,12 +256,12 @@ def run_benchmark(
     runtimes = ["torch", *[r for r in runtimes if r != "torch"]]  # torch is the reference row
     out_markdown = check_output_file(out_markdown, (".md",))
     runs_dir = check_work_dir(runs_dir, "--runs-dir")
-    for model in models:  # every option and hyperparameter is checked before the first fit
+    for model, layers in ((m, ls) for m in models for ls in layer_sets):  # all checked before the first fit
         FitSettings.check(
             model=model,
             backbone=backbone,
             image_size=image_size,
-            layers=None,
+            layers=tuple(layers) if layers is not None else None,
             validation_fraction=0.1,
             threshold_quantile=0.99,
             seed=0,

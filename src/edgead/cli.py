@@ -106,12 +106,23 @@ def fit(
     validation_fraction: Annotated[
         float, typer.Option(help="Share of train/good kept for the threshold.")
     ] = 0.1,
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of other good images for the threshold (train/good, good/ or the images in it); fits on all of "
+            "DATASET's. Use it when DATASET's images are consecutive video frames."
+        ),
+    ] = None,
     threshold_quantile: Annotated[float, typer.Option(help="Quantile of normal validation scores.")] = 0.99,
     seed: Annotated[int, typer.Option()] = 0,
     param: ParamOption = None,
     aggregation_border: BorderOption = "zeros",
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing run in --out (its export/ and test/ too).")
+    ] = False,
+    pq_codebook: Annotated[
+        bool,
+        typer.Option("--pq-codebook", help="Also train the product-quantization codebook of `edgead edge --mode pq`."),
     ] = False,
 ) -> None:
     """Fit a detector on the normal (train/good) images of DATASET and save a run folder."""
@@ -132,6 +143,8 @@ def fit(
         hyperparameters=parse_params(param),
         aggregation_border=aggregation_border,
         force=force,
+        pq_codebook=pq_codebook,
+        validation_dataset=validation,
     )
     typer.echo(
         f"fitted {config.model} on {config.extra['n_train']} images in {config.extra['fit_seconds']} s; "
@@ -317,7 +330,9 @@ def benchmark(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx, openvino or imx500.")] = "onnx",
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="onnx, openvino, imx500, or edge (the backbone alone, RUN/edge).")
+    ] = "onnx",
     out: Annotated[str | None, typer.Option("--out", "-o", help="Folder (default: RUN/export).")] = None,
     int8: Annotated[
         bool, typer.Option("--int8", help="Also write an INT8 post-training-quantized file.")
@@ -391,6 +406,88 @@ def prune(
     typer.echo(f"pruned {run} by {ratio:.0%}: run saved to {out}; {config.extra.get('pruning', '')}")
 
 
+@app.command()
+def serve(
+    runs: Annotated[
+        list[str],
+        typer.Argument(help="Run folders to serve; NAME=RUN serves one as NAME (default: the folder's name)."),
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes; each loads every model once.")] = 1,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="File holding the key clients must send (X-API-Key); none: no key.")
+    ] = None,
+) -> None:
+    """Serve runs over HTTP to edge devices: images or compressed features in, score and decision out."""
+    from edgead.edge.server import serve as serve_runs
+
+    typer.echo(f"serving {', '.join(runs)} on http://{host}:{port} with {workers} worker(s); Ctrl-C stops")
+    serve_runs(runs, host=host, port=port, workers=workers, api_key_file=api_key_file)
+
+
+@app.command()
+def edge(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Images and/or folders, OR one video file, OR one camera index (0, 1...)."),
+    ],
+    model: Annotated[str, typer.Option(help="Model name on the server (GET /v1/models lists them).")],
+    server: Annotated[str, typer.Option(help="Scoring server URL.")] = "http://127.0.0.1:8000",
+    mode: Annotated[str, typer.Option(help="image, webp, features, rs, pq, rs+pq or rs+webp.")] = "webp",
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for predictions.csv.")] = "edge_predictions",
+    bandwidth: Annotated[str, typer.Option(help="Modelled uplink, e.g. 100kB/s, 1MB/s, 800kbit/s, inf.")] = "100kB/s",
+    latency_ms: Annotated[float, typer.Option(help="Modelled one-way link latency added per frame.")] = 0.0,
+    edge_model: Annotated[
+        Path | None,
+        typer.Option(help="Feature modes: the edge part (RUN/edge, from `edgead export RUN --format edge`) or the run."),
+    ] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File holding the server's API key.")] = None,
+    ratio: Annotated[float, typer.Option(help="Share of feature positions the rs modes send.")] = 0.25,
+    quality: Annotated[int, typer.Option(help="WebP quality (webp, rs+webp), 0..100.")] = 80,
+    seed: Annotated[int, typer.Option(help="Seed of the rs modes' position sampling.")] = 0,
+    max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
+    throttle: Annotated[
+        bool, typer.Option("--throttle", help="Also sleep the modelled link time (real-time pacing).")
+    ] = False,
+) -> None:
+    """Edge device: encode frames (running the backbone here in feature modes), send them to the server, log costs."""
+    from edgead.edge.client import run_edge
+    from edgead.runtime.cvpaths import printable
+
+    def show(result) -> None:  # noqa: ANN001
+        if result.error:
+            typer.echo(f"{printable(result.name)}: error: {result.error}", err=True)
+
+    summary = run_edge(
+        sources,
+        server,
+        model,
+        mode,
+        out,
+        bandwidth=bandwidth,
+        latency_ms=latency_ms,
+        edge_model=edge_model,
+        api_key_file=api_key_file,
+        ratio=ratio,
+        quality=quality,
+        seed=seed,
+        max_frames=max_frames,
+        throttle=throttle,
+        on_result=show,
+    )
+    for warning in summary.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    keys = ("payload_bytes", "edge_ms", "link_ms", "server_ms", "total_ms")
+    medians = ", ".join(f"{k} {summary.median(k):.1f}" for k in keys if summary.median(k) is not None)
+    typer.echo(
+        f"{summary.scored} frames scored, {summary.failed} failed ({mode}, {bandwidth}); medians: {medians}; "
+        f"scores: {summary.csv}"
+    )
+    if summary.failed or not summary.results:
+        raise typer.Exit(1)
+
+
 experiment_app = typer.Typer(
     help="Experiments: fit and test many runs to answer one question; each writes a report.",
     no_args_is_help=True,
@@ -447,6 +544,73 @@ def contamination(
         typer.echo(
             f"{row['dataset']:<24} ratio {row['ratio']:<5g} ({row['n_contaminated']} in train) "
             f"image AUROC {auroc}"
+        )
+    typer.echo(f"report written to {out}")
+
+
+@experiment_app.command()
+def split(
+    datasets: DatasetsArgument,
+    modes: Annotated[
+        str, typer.Option(help="Comma-separated modes: image, webp, features, rs, pq, rs+pq, rs+webp.")
+    ] = "image,webp,features,rs,pq,rs+pq,rs+webp",
+    bandwidth: Annotated[str, typer.Option(help="Modelled uplink, e.g. 100kB/s, 1MB/s, 800kbit/s.")] = "100kB/s",
+    latency_ms: Annotated[float, typer.Option(help="Modelled one-way link latency added per frame.")] = 0.0,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Markdown report to write (JSON and two plots beside it).")
+    ] = "docs/results/edge_server.md",
+    runs_dir: Annotated[str, typer.Option(help="Where the fitted runs go (refitted unless --reuse-runs).")] = (
+        "runs/split"
+    ),
+    image_size: Annotated[int, typer.Option()] = 256,
+    backbone: Annotated[str, typer.Option(help="Backbone of the edge part (and of the server's head).")] = (
+        "efficientnet_lite0"
+    ),
+    server_backbone: Annotated[
+        str | None,
+        typer.Option(help="Score the image modes with a run on this stronger backbone, e.g. efficientnet_lite2."),
+    ] = None,
+    ratio: Annotated[float, typer.Option(help="Share of feature positions the rs modes send.")] = 0.25,
+    quality: Annotated[int, typer.Option(help="WebP quality (webp, rs+webp), 0..100.")] = 80,
+    seed: Annotated[int, typer.Option(help="Seed of the fits and of the rs modes' sampling.")] = 0,
+    max_images: Annotated[
+        int | None, typer.Option(help="Send at most this many test images per dataset (spread evenly).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Server worker processes.")] = 1,
+    reuse_runs: Annotated[
+        bool, typer.Option("--reuse-runs", help="Load runs already in --runs-dir instead of refitting them.")
+    ] = False,
+    param: ParamOption = None,
+) -> None:
+    """Every edge/server split mode through the real server: accuracy, payload and time per frame, one report."""
+    from edgead.experiments.split import run_split_experiment
+
+    rows = run_split_experiment(
+        datasets,
+        out,
+        modes=modes.split(","),
+        bandwidth=bandwidth,
+        latency_ms=latency_ms,
+        runs_dir=runs_dir,
+        image_size=image_size,
+        backbone=backbone,
+        server_backbone=server_backbone,
+        ratio=ratio,
+        quality=quality,
+        seed=seed,
+        max_images=max_images,
+        workers=workers,
+        reuse_runs=reuse_runs,
+        hyperparameters=parse_params(param),
+        warn=lambda message: typer.echo(f"warning: {message}", err=True),
+    )
+    for row in rows:
+        f1 = "-" if row["pixel_f1"] is None else f"{row['pixel_f1']:.4f}"
+        auroc = "-" if row["image_auroc"] is None else f"{row['image_auroc']:.4f}"
+        total = "-" if row["total_ms"] is None else f"{row['total_ms']:.1f}"
+        typer.echo(
+            f"{row['dataset']:<24} {row['mode']:<8} image AUROC {auroc} pixel F1 {f1} "
+            f"payload {row['payload_bytes']} B total {total} ms"
         )
     typer.echo(f"report written to {out}")
 

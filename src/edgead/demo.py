@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgead.data.synthetic_video import read_truth, write_belt_video
+from edgead.errors import UsageError
 from edgead.metrics import image_auroc
 from edgead.models import create_head
 from edgead.outputs import atomic_write_text, check_work_dir
@@ -25,7 +26,7 @@ from edgead.runtime.sources import save_frames
 from edgead.training import fit_run
 
 
-def record_good_parts(folder: Path, count: int, fps: float, width: int, height: int) -> Path:
+def record_good_parts(folder: Path, count: int, fps: float, width: int, height: int, seed: int = 1) -> Path:
     """Film good parts (a faster belt, so few frames cover many positions) and keep the decoded frames as
     an MVTec-layout train/good folder: the model learns the codec's artefacts as normal."""
     train = folder / "train" / "good"
@@ -38,7 +39,7 @@ def record_good_parts(folder: Path, count: int, fps: float, width: int, height: 
         width=width,
         height=height,
         speed=23.0,
-        seed=1,
+        seed=seed,
         good_only=True,
     )
     save_frames(video, train)
@@ -79,11 +80,19 @@ def run_demo(
     height: int = 480,
     progress: bool = True,
 ) -> dict[str, Any]:
+    if not 1 <= seconds <= 3600:
+        raise UsageError(f"--seconds must be between 1 and 3600, got {seconds:g}")
     out_dir = check_work_dir(out_dir, "--out")
     create_head(model)  # an unknown model fails before the videos are made
     dataset = record_good_parts(out_dir / "dataset", n_train, fps, width, height)
+    # The threshold's good frames come from a second recording: frames held out of the first one sit between
+    # training frames a fraction of a second apart, as close to the memory as the training frames themselves.
+    validation = record_good_parts(out_dir / "validation", max(8, n_train // 2), fps, width, height, seed=2)
     run_dir = out_dir / "run"
-    _, config = fit_run(dataset, run_dir, model=model, image_size=image_size, progress=progress, force=True)
+    _, config = fit_run(
+        dataset, run_dir, model=model, image_size=image_size, progress=progress, force=True,
+        validation_dataset=validation,
+    )
     video, truth_csv = write_belt_video(
         out_dir / "belt.mp4", seconds=seconds, fps=fps, width=width, height=height
     )

@@ -90,3 +90,15 @@ def predict_samples(
         masks=np.concatenate(masks),
         has_masks=np.concatenate(has_masks),
     )
+
+
+@torch.no_grad()
+def score_features(pipeline: Pipeline, features: torch.Tensor, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly maps [N, S, S] and image scores [N] of precomputed features (head + postprocess only)."""
+    maps, scores = [], []
+    for part in features.split(batch_size):
+        batch_maps, batch_scores = pipeline.score_features(part)
+        maps.append(batch_maps[:, 0].numpy())
+        scores.append(batch_scores.numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+

@@ -327,3 +327,19 @@ def results_header(title: str, command: str | None = None) -> list[str]:
         f"- Machine: {machine_description()}",
         f"- Date: {dt.date.today().isoformat()}",
     ]
+
+
+def results_page(
+    title: str,
+    command: str | None,
+    notes: Sequence[str],
+    sections: Sequence[tuple[str | None, list[dict], list[str]]],
+) -> str:
+    """A whole docs/results page: the header, one bullet per note, then (heading, rows, columns) tables."""
+    lines = [*results_header(title, command), *[f"- {note}" for note in notes], ""]
+    for heading, rows, columns in sections:
+        if heading:
+            lines += [f"## {heading}", ""]
+        lines += [markdown_table(rows, columns), ""]
+    return "\n".join(lines)
+

@@ -13,12 +13,12 @@ from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     FiniteFloat,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from safetensors import SafetensorError
@@ -37,7 +37,31 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "edgead-run"
 FORMAT_VERSION = 1
+# Head settings whose default changed after runs were saved without them (they keep what they had).
+LEGACY_HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "patchcore": {"image_score": "reweighted"},
+    "padim": {"storage": "float32"},
+}
 MAX_IMAGE_SIZE = 2048  # a square input side beyond this needs more memory than edge devices have
+
+
+def _known_model(value: str) -> str:
+    if value not in HEADS:
+        raise ValueError(f"unknown model {value!r}: choose one of {', '.join(sorted(HEADS))}")
+    return value
+
+
+def _known_backbone(value: str) -> str:
+    if value not in BACKBONES:
+        raise ValueError(f"unknown backbone {value!r}: choose one of {', '.join(BACKBONES)}")
+    return value
+
+
+# Declared once, used by run configs and by the fit options (edgead.training.FitSettings).
+ModelName = Annotated[str, AfterValidator(_known_model)]
+BackboneName = Annotated[str, AfterValidator(_known_backbone)]
+StageIndex = Annotated[int, Field(ge=0, le=4)]
+ImageSize = Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)]
 
 
 class RunExtra(TypedDict, total=False):
@@ -68,11 +92,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=(), validate_assignment=True)
 
-    model: str
+    model: ModelName
     head: dict[str, Any]
-    backbone: str
-    layers: list[Annotated[int, Field(ge=0, le=4)]] | None
-    image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)]
+    backbone: BackboneName
+    layers: list[StageIndex] | None
+    image_size: ImageSize
     blur_sigma: Annotated[float, Field(ge=0, le=64, allow_inf_nan=False)]
     threshold: FiniteFloat
     score_min: FiniteFloat
@@ -83,20 +107,6 @@ class RunConfig(BaseModel):
     aggregation_border: Literal["zeros", "valid"] = "valid"
     model_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
     extra: RunExtra = {}
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in HEADS:
-            raise ValueError(f"unknown model {value!r}, expected one of {', '.join(sorted(HEADS))}")
-        return value
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone {value!r}, expected one of {', '.join(BACKBONES)}")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -128,6 +138,8 @@ class RunConfig(BaseModel):
             config = cls.model_validate(fields)
         except ValidationError as exc:
             raise RunFolderError(f"{source} is not a valid edgead run config: {describe(exc)}") from None
+        # Settings whose default changed: a run that does not name them was fitted with the old one.
+        config.head = {**LEGACY_HEAD_DEFAULTS.get(config.model, {}), **config.head}
         try:
             create_head(config.model, **config.head)
         except EdgeadError as exc:

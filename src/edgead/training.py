@@ -9,21 +9,20 @@ from __future__ import annotations
 import datetime as dt
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edgead.backbones import BACKBONES
-from edgead.data.datasets import AnomalyDataset, open_dataset, split_validation
+from edgead.data.datasets import AnomalyDataset, load_normal_images, open_dataset, split_validation
 from edgead.errors import NonFiniteError, UsageError
 from edgead.inference import iter_features, predict_samples
 from edgead.metrics import threshold_from_normal
-from edgead.models import HEADS, Pipeline, create_head, create_pipeline
+from edgead.models import Pipeline, create_head, create_pipeline
 from edgead.models.base import TrainableHead
 from edgead.outputs import check_output_dir
-from edgead.runs import CONFIG_FILE, MAX_IMAGE_SIZE, RunConfig, save_run
+from edgead.runs import CONFIG_FILE, BackboneName, ImageSize, ModelName, RunConfig, StageIndex, save_run
 from edgead.validation import OpenRatio, PositiveInt, Ratio, Seed, describe
 
 
@@ -32,29 +31,15 @@ class FitSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
-    model: str
-    backbone: str
-    image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)]
-    layers: tuple[Annotated[int, Field(ge=0, le=4)], ...] | None
+    model: ModelName
+    backbone: BackboneName
+    image_size: ImageSize
+    layers: tuple[StageIndex, ...] | None
     validation_fraction: OpenRatio
     threshold_quantile: Ratio
     seed: Seed
     batch_size: PositiveInt
     aggregation_border: Literal["zeros", "valid"] | None
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in HEADS:
-            raise ValueError(f"unknown model {value!r}: choose one of {', '.join(sorted(HEADS))}")
-        return value
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone {value!r}: choose one of {', '.join(BACKBONES)}")
-        return value
 
     @classmethod
     def check(cls, **values: Any) -> FitSettings:
@@ -101,6 +86,8 @@ def fit_run(
     extra: dict[str, Any] | None = None,
     aggregation_border: str | None = None,
     force: bool = False,
+    pq_codebook: bool = False,
+    validation_dataset: str | Path | AnomalyDataset | None = None,
 ) -> tuple[Pipeline, RunConfig]:
     """Fit ``model`` on ``dataset``'s train/good images and save it to ``run_dir``.
 
@@ -109,6 +96,11 @@ def fit_run(
     its backbone kept, and ``model``, ``backbone``, ``image_size``, ``layers`` and ``hyperparameters``
     are taken from it. ``extra`` entries are added to the run config's ``extra``. An existing run in
     ``run_dir`` is replaced only with ``force``; options and the output folder are checked first.
+    ``pq_codebook`` also trains the product-quantization codebook that the split deployment's ``pq``
+    codecs need (:func:`edgead.edge.pq.train_codebook`) and saves it in the run folder.
+    ``validation_dataset`` gives the threshold its own normal images (train/good, good/ or the folder) and fits on
+    every training image: needed when the training images are near-duplicates of each other (consecutive
+    video frames), where a held-out fraction is as close to the memory as the training frames themselves.
     """
     if pipeline is None:
         FitSettings.check(
@@ -124,7 +116,12 @@ def fit_run(
         )
         create_head(model, **dict(hyperparameters or {}))  # bad hyperparameters fail before any work
     data = dataset if isinstance(dataset, AnomalyDataset) else open_dataset(dataset)
-    train, validation = split_validation(data.train, fraction=validation_fraction, seed=seed)
+    if validation_dataset is None:
+        train, validation = split_validation(data.train, fraction=validation_fraction, seed=seed)
+    else:
+        held_out = validation_dataset
+        train = data.train
+        validation = held_out.train if isinstance(held_out, AnomalyDataset) else load_normal_images(held_out)
     run_dir = check_output_dir(run_dir, CONFIG_FILE, force=force, kind="run")
     torch.manual_seed(seed)
     if pipeline is None:
@@ -187,4 +184,8 @@ def fit_run(
         **calibration,
     )
     save_run(pipeline, config, run_dir, force=force)
+    if pq_codebook:
+        from edgead.edge.pq import train_codebook
+
+        train_codebook(run_dir, pipeline=pipeline, samples=train, seed=seed, batch_size=batch_size, progress=progress)
     return pipeline, config

@@ -197,6 +197,15 @@ def find_categories(root: str | Path) -> list[Path]:
     return [sub for sub in _subfolders(root) if _layout(sub) is not None]
 
 
+def load_normal_images(path: str | Path) -> list[Sample]:
+    """Every image of a folder of defect-free images: its train/good (MVTec layout), its good/ or itself."""
+    path = Path(path)
+    _check_root(path)
+    layout = _layout(path)
+    folder = path / "train" / GOOD if layout == "mvtec" else path / GOOD if layout == "folder" else path
+    return [Sample(image, 0, GOOD) for image in _good_images(folder)]
+
+
 def split_validation(
     train: list[Sample], fraction: float = 0.1, seed: int = 0, min_count: int = 1
 ) -> tuple[list[Sample], list[Sample]]:

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from edgead.errors import EdgeadError
+from edgead.errors import UsageError
 from edgead.models import Pipeline
 from edgead.models.postprocess import Postprocess
 from edgead.profiling import model_profile
@@ -72,7 +72,7 @@ def get_device(name: str) -> dict[str, Any]:
     """One device profile by name; an EdgeadError listing the known names if there is none."""
     devices = load_devices()
     if name not in devices:
-        raise EdgeadError(f"unknown device '{name}': choose one of {', '.join(sorted(devices))}")
+        raise UsageError(f"unknown device '{name}': choose one of {', '.join(sorted(devices))}")
     return devices[name]
 
 
@@ -264,9 +264,11 @@ def budget_report(pipeline: Pipeline, device: str, image_size: int | None = None
 
 def budget_run(run_dir: str | Path, device: str, image_size: int | None = None) -> dict[str, Any]:
     """:func:`budget_report` of a run folder written by ``edgead fit`` (or ``edgead prune``)."""
-    from edgead.runs import load_run
+    from edgead.runs import MAX_IMAGE_SIZE, load_run
 
     get_device(device)  # an unknown device fails before the run is loaded
+    if image_size is not None and not (32 <= image_size <= MAX_IMAGE_SIZE and image_size % 32 == 0):
+        raise UsageError(f"--image-size must be a multiple of 32 between 32 and {MAX_IMAGE_SIZE}, got {image_size}")
     pipeline, _ = load_run(run_dir)
     report = budget_report(pipeline, device, image_size=image_size)
     report["run"] = str(run_dir)

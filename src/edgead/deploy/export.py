@@ -3,7 +3,9 @@
 - ``onnx``: ``model.onnx`` (fp32, parity-checked), and with ``int8`` also ``model.int8.onnx``
   (ONNX Runtime QDQ);
 - ``openvino``: ``model.onnx`` plus the IR ``model.xml``, and with ``int8`` ``model.int8.xml`` (NNCF);
-- ``imx500``: Sony MCT INT8 + imx500-converter in their own environment (see deploy/imx500.py).
+- ``imx500``: Sony MCT INT8 + imx500-converter in their own environment (see deploy/imx500.py);
+- ``edge``: the preprocess + backbone alone (``RUN/edge/features.onnx``), what an edge device runs in
+  the split deployment's feature modes (see :mod:`edgead.edge`).
 
 Every file carries the run's threshold and config, so `edgead test`/`predict` run it without the run.
 """
@@ -24,7 +26,7 @@ from edgead.errors import EdgeadError, UsageError
 from edgead.outputs import check_work_dir
 from edgead.runs import read_config
 
-FORMATS = ("onnx", "openvino", "imx500")
+FORMATS = ("onnx", "openvino", "imx500", "edge")
 MIN_VALIDATION_IMAGES = 3  # below this, the INT8-vs-fp32 score check on validation images means nothing
 
 
@@ -47,6 +49,11 @@ def export_run(
         raise EdgeadError(f"--calibration-dir {calibration_dir} is not a folder of images")
     run_dir = Path(run_dir)
     read_config(run_dir)  # a missing or invalid run folder fails before anything is written
+    if fmt == "edge":  # the backbone alone, for an edge device of a split deployment (RUN/edge)
+        from edgead.edge.backbone import export_edge
+
+        path = export_edge(run_dir, check_work_dir(out_dir, "--out") if out_dir is not None else None)
+        return {"files": {"edge": path}, "sizes_mb": {"edge": file_megabytes(path)}}
     out_dir = check_work_dir(out_dir if out_dir is not None else run_dir / "export", "--out")
     if fmt == "imx500":
         from edgead.deploy.imx500 import export_imx500

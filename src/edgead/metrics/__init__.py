@@ -1,7 +1,7 @@
 """Evaluation metrics on scores, maps and ground truth (numpy arrays); they know nothing of models.
 
 - image level: :func:`image_auroc`, :func:`f1_max` (oracle, reported only), :func:`precision_recall_at`
-- pixel level: :func:`pixel_auroc`, :func:`aupro`
+- pixel level: :func:`pixel_auroc`, :func:`aupro`, :func:`pixel_f1_max` (oracle, reported only)
 - decisions: :func:`threshold_from_normal`, :func:`normalize_scores`
 - :func:`evaluate` bundles them into one JSON-ready dict.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from ._ranking import as_binary
 from .aupro import aupro, pro_curve
 from .auroc import image_auroc, pixel_auroc, pixel_roc_curve, roc_curve_points
-from .f1 import f1_max
+from .f1 import f1_max, pixel_f1_max
 from .thresholds import normalize_scores, precision_recall_at, threshold_from_normal
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "image_auroc",
     "normalize_scores",
     "pixel_auroc",
+    "pixel_f1_max",
     "pixel_roc_curve",
     "precision_recall_at",
     "pro_curve",

@@ -84,6 +84,12 @@ class Padim(Head):
         self.set_fitted(channel_index_=channel_index, mean_=mean.to(dtype), cov_inv_=cov_inv.to(dtype))
         return self
 
+    def on_fitted(self) -> None:
+        # The Gaussians in float32 once, not at every forward (a float16 -> float32 copy of 10M values);
+        # non-persistent buffers: constants of the model (budgets, export), never saved twice.
+        self.register_buffer("float32_mean", self.mean_.float(), persistent=False)
+        self.register_buffer("float32_cov_inv", self.cov_inv_.float(), persistent=False)
+
     def choose_channels(self, c: int) -> torch.Tensor:
         """The seeded random subset of ``n_features`` channels (all of them if that is not fewer)."""
         if self.n_features is None or self.n_features >= c:
@@ -95,6 +101,8 @@ class Padim(Head):
         self.check_fitted()
         n, _, h, w = features.shape
         x = features.index_select(1, self.channel_index_).flatten(2).permute(2, 0, 1)  # [h*w, N, d]
-        delta = x - self.mean_.float()[:, None, :]
-        squared = ((delta @ self.cov_inv_.float()) * delta).sum(dim=2)  # [h*w, N]
+        if getattr(self, "float32_cov_inv", None) is None:
+            self.on_fitted()
+        delta = x - self.float32_mean[:, None, :]
+        squared = ((delta @ self.float32_cov_inv) * delta).sum(dim=2)  # [h*w, N]
         return squared.clamp_min(0).sqrt().permute(1, 0).reshape(n, 1, h, w)

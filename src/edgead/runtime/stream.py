@@ -59,8 +59,22 @@ class FrameResult:
     note: str | None = None
 
 
+class ResultCounts:
+    """How many of ``results`` (per-frame records with an ``error``) were scored and how many failed."""
+
+    results: list
+
+    @property
+    def scored(self) -> int:
+        return sum(r.error is None for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return len(self.results) - self.scored
+
+
 @dataclass
-class StreamSummary:
+class StreamSummary(ResultCounts):
     source: str
     kind: str
     runtime: str
@@ -70,14 +84,6 @@ class StreamSummary:
     video: Path | None = None
     png_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def scored(self) -> int:
-        return sum(r.error is None for r in self.results)
-
-    @property
-    def failed(self) -> int:
-        return len(self.results) - self.scored
 
     @property
     def anomalous(self) -> int:

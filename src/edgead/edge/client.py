@@ -1,0 +1,350 @@
+"""The edge client: read frames, encode them (running the backbone first in feature modes), send them to
+the scoring server, and record per frame what it cost and what the server answered.
+
+Times are measured on the edge (resize, backbone, encode) and on the server (decode, backbone, head);
+the link between them is modelled, not measured: ``payload bytes / bandwidth + latency``, so results do
+not depend on how fast the loopback or LAN of the test bench is (``throttle`` also sleeps that long,
+for a real-time run). Only the uplink is modelled: the answer is a few hundred bytes of JSON.
+
+A frame that cannot be read, encoded or scored (server down, an error answer after the retries) still
+gets its row in predictions.csv with the reason; the CSV is rewritten atomically as frames go.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import math
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from edgead.data.images import resize_image
+from edgead.edge.auth import API_KEY_HEADER, read_api_key
+from edgead.edge.codecs import CODECS, DEFAULT_QUALITY, DEFAULT_RATIO, FEATURE_CODECS, Codec, create_codec
+from edgead.errors import EdgeadError, UsageError
+from edgead.outputs import atomic_write_text, check_output_dir
+from edgead.progress import progress as progress_bar
+from edgead.runtime.cvpaths import printable
+from edgead.runtime.sources import open_source
+from edgead.runtime.stream import ResultCounts
+
+PREDICTIONS_CSV = "predictions.csv"
+RETRY_STATUSES = (408, 429, 500, 502, 503, 504)  # worth another try; other errors will not change
+CSV_EVERY = 25  # frames between two rewrites of the CSV
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+          "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
+_BANDWIDTH = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]+)\s*(?:/\s*s|ps)?\s*$", re.IGNORECASE)
+
+
+class EdgeClientError(EdgeadError):
+    """The server could not be reached or answered an error (``attempts`` requests were made)."""
+
+    def __init__(self, message: str, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+def parse_bandwidth(text: str | float) -> float:
+    """Bytes per second from '100kB/s', '1MB/s', '2 MiB/s', '800kbit/s' (kB = 1000 B); 'inf' = no limit."""
+    if isinstance(text, int | float):
+        value = float(text)
+    elif str(text).strip().lower() in ("inf", "none", "unlimited"):
+        value = math.inf
+    else:
+        match = _BANDWIDTH.match(str(text))
+        unit = match.group(2).lower() if match else ""
+        if unit.endswith("bps") and unit != "bps":
+            unit = unit[:-3] + "bit"
+        if not match or unit not in _UNITS:
+            raise UsageError(f"--bandwidth {text!r} is not a rate: write e.g. 100kB/s, 1MB/s, 2MiB/s or 800kbit/s")
+        value = float(match.group(1)) * _UNITS[unit]
+    if not value > 0:
+        raise UsageError(f"--bandwidth must be above zero, got {text!r}")
+    return value
+
+
+@dataclass
+class Link:
+    """The modelled uplink: time = bytes / bandwidth + latency."""
+
+    bandwidth: float  # bytes per second (inf: no transfer time)
+    latency_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.latency_ms >= 0 and math.isfinite(self.latency_ms)):
+            raise UsageError(f"--latency-ms must be zero or more, got {self.latency_ms}")
+
+    def transfer_ms(self, n_bytes: int) -> float:
+        return n_bytes / self.bandwidth * 1000.0 + self.latency_ms
+
+
+@dataclass
+class EdgeResult:
+    """One frame's row of predictions.csv."""
+
+    index: int
+    name: str
+    mode: str
+    payload_bytes: int | None = None
+    edge_ms: float | None = None  # resize + backbone (feature modes) + encode, on the edge
+    link_ms: float | None = None  # modelled uplink time
+    server_ms: float | None = None  # decode + backbone + head, measured by the server
+    total_ms: float | None = None  # edge + link + server
+    http_ms: float | None = None  # measured request round trip (loopback here: not part of total)
+    score: float | None = None
+    normalized_score: float | None = None
+    decision: str | None = None
+    attempts: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EdgeSummary(ResultCounts):
+    server: str
+    model: str
+    mode: str
+    link: Link
+    results: list[EdgeResult]
+    csv: Path
+    backbone_runtime: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def median(self, key: str) -> float | None:
+        values = [getattr(r, key) for r in self.results if getattr(r, key) is not None]
+        return float(np.median(values)) if values else None
+
+
+class ScoringClient:
+    """HTTP to one scoring server, with retries and exponential back-off on transient failures."""
+
+    def __init__(self, server: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.5) -> None:
+        if not server.startswith(("http://", "https://")):
+            raise UsageError(f"--server {server!r} must be a URL like http://127.0.0.1:8000")
+        if retries < 0 or backoff_s < 0 or timeout_s <= 0:
+            raise UsageError("retries and back-off must be zero or more, the timeout above zero")
+        self.server, self.retries, self.backoff_s = server.rstrip("/"), retries, backoff_s
+        headers = {API_KEY_HEADER: api_key} if api_key else {}
+        # TCP_NODELAY: without it, the body segment waits for the ACK of the headers (Nagle + delayed ACK, 40 ms).
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kw) -> tuple[httpx.Response, int]:
+        """The response and the number of attempts; :class:`EdgeClientError` once retries are spent."""
+        reason = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 10.0))
+            try:
+                response = self.http.request(method, path, **kw)
+            except httpx.TransportError as exc:
+                reason = f"server {self.server} unreachable ({type(exc).__name__}: {exc})"
+                continue
+            if response.status_code < 400:
+                return response, attempt + 1
+            reason = f"server answered {response.status_code}: {_detail(response)}"
+            if response.status_code not in RETRY_STATUSES:
+                break
+        raise EdgeClientError(f"{reason} (after {attempt + 1} attempt{'s' if attempt else ''})", attempt + 1)
+
+    def model_info(self, name: str) -> dict:
+        response, _ = self.request("GET", "/v1/models")
+        try:
+            models = {m["name"]: m for m in response.json()["models"]}
+        except (KeyError, TypeError, ValueError):
+            raise EdgeClientError(f"{self.server} is not an edgead scoring server (no model list)") from None
+        if name not in models:
+            raise EdgeClientError(f"the server has no model {name!r}; it serves {', '.join(models) or 'none'}")
+        return models[name]
+
+    def score(self, name: str, body: bytes, include_map: bool = False, map_format: str = "png") -> tuple[dict, int]:
+        """The server's JSON answer (see ``edgead.edge.server.ScoreAnswer``) and the attempts it took.
+
+        ``include_map`` adds the anomaly map: a small PNG, or with ``map_format="float16"`` the raw map at the
+        model's input size (read it with :func:`decode_map`).
+        """
+        params = {"map": "true", "map_format": map_format} if include_map else None
+        response, attempts = self.request("POST", f"/v1/models/{name}/score", content=body, params=params,
+                                          headers={"Content-Type": "application/octet-stream"})
+        return response.json(), attempts
+
+
+def decode_map(answer: dict) -> np.ndarray:
+    """The float16 anomaly map of a score answer asked for with ``map_format="float16"`` (input size, raw values)."""
+    shape = tuple(int(side) for side in answer["anomaly_map_shape"])
+    return np.frombuffer(base64.b64decode(answer["anomaly_map_float16"]), "<f2").reshape(shape)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail if detail is not None else response.text[:200])
+
+
+def write_edge_csv(path: Path, results: Sequence[EdgeResult]) -> Path:
+    handle = io.StringIO()
+    writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(EdgeResult)])
+    writer.writeheader()
+    for result in results:
+        row = asdict(result)
+        row["name"] = printable(result.name)
+        for key in ("edge_ms", "link_ms", "server_ms", "total_ms", "http_ms"):
+            if row[key] is not None:
+                row[key] = round(row[key], 3)
+        writer.writerow(row)
+    return atomic_write_text(path, handle.getvalue())
+
+
+def _check_edge_side(backbone, info: dict, mode: str) -> None:  # noqa: ANN001
+    if backbone.image_size != info["input_size"] or list(backbone.feature_shape) != list(info["feature_shape"]):
+        raise UsageError(
+            f"the edge model takes {backbone.image_size} px and gives features {list(backbone.feature_shape)}, the "
+            f"server's model {info['name']} takes {info['input_size']} px and features {info['feature_shape']}: "
+            "export the edge part from the same run")
+    if mode in ("pq", "rs+pq"):
+        if backbone.codebook is None:
+            raise UsageError(f"mode {mode} needs pq_codebook.safetensors beside the edge model")
+        if info.get("pq_codebook_id") != backbone.codebook.id_hex:
+            raise UsageError(f"the edge's PQ codebook {backbone.codebook.id_hex} is not the server's "
+                             f"{info.get('pq_codebook_id')}: copy the run's pq_codebook.safetensors to the edge")
+
+
+def prepare_codec(client: ScoringClient, model: str, mode: str, backbone=None, ratio: float = DEFAULT_RATIO,  # noqa: ANN001
+                  quality: int = DEFAULT_QUALITY, seed: int = 0) -> tuple[Codec, int]:
+    """The codec of ``mode`` for the server's ``model`` and that model's input size.
+
+    Asks the server first, so a mode it does not accept, or an edge part (``backbone``, feature modes)
+    from another run or with another PQ codebook, fails before any frame is sent.
+    """
+    info = client.model_info(model)
+    if mode not in info["accepted_codecs"]:
+        raise UsageError(f"the server's model {model} does not accept {mode}; it accepts "
+                         f"{', '.join(info['accepted_codecs'])}")
+    if backbone is not None:
+        _check_edge_side(backbone, info, mode)
+    size = int(info["input_size"])
+    codec = create_codec(mode, size, tuple(info["feature_shape"]), backbone.codebook if backbone else None,
+                         ratio=ratio, quality=quality, seed=seed)
+    return codec, size
+
+
+def run_edge(
+    sources: Sequence[str | Path],
+    server: str,
+    model: str,
+    mode: str,
+    out_dir: str | Path,
+    bandwidth: str | float = "100kB/s",
+    latency_ms: float = 0.0,
+    edge_model: str | Path | None = None,
+    api_key_file: str | Path | None = None,
+    ratio: float = DEFAULT_RATIO,
+    quality: int = DEFAULT_QUALITY,
+    seed: int = 0,
+    max_frames: int | None = None,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+    timeout_s: float = 30.0,
+    throttle: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+    on_result: Callable[[EdgeResult], None] | None = None,
+) -> EdgeSummary:
+    """Send every frame of ``sources`` to ``server``'s ``model`` coded with ``mode``; write predictions.csv.
+
+    Feature modes run the backbone here, from ``edge_model``: an edge folder or ``features.onnx`` written by
+    :func:`edgead.edge.backbone.export_edge` (ONNX Runtime), or the run folder itself (torch); the pq modes
+    take the codebook found beside it. Options and the output folder are checked before any frame is read.
+    """
+    if mode not in CODECS:
+        raise UsageError(f"--mode {mode!r} is not a codec: choose one of {', '.join(CODECS)}")
+    if mode in FEATURE_CODECS and edge_model is None:
+        raise UsageError(f"mode {mode} runs the backbone on the edge: pass --edge-model (RUN/edge or the run folder)")
+    if not 0 < ratio <= 1 or not 0 <= quality <= 100:
+        raise UsageError(f"--ratio must be in (0, 1] and --quality in 0..100, got {ratio} and {quality}")
+    link = Link(parse_bandwidth(bandwidth), float(latency_ms))
+    out_dir = check_output_dir(out_dir, PREDICTIONS_CSV, kind="edge predictions")
+    csv_path = out_dir / PREDICTIONS_CSV
+    api_key = read_api_key(api_key_file)
+    backbone = None
+    if mode in FEATURE_CODECS:
+        from edgead.edge.backbone import load_edge
+
+        backbone = load_edge(edge_model, threads)
+    source = open_source(sources, max_frames)  # everything local is checked before the server is asked
+    client = ScoringClient(server, api_key, timeout_s, retries, backoff_s)
+    results: list[EdgeResult] = []
+    summary = EdgeSummary(server, model, mode, link, results, csv_path, backbone.runtime if backbone else None)
+    try:
+        codec, size = prepare_codec(client, model, mode, backbone, ratio, quality, seed)
+        for frame in progress_bar(source, "edge", progress, total=source.expected_frames):
+            result = EdgeResult(frame.index, frame.name, mode, error=frame.error)
+            if frame.image is not None:
+                send_frame(frame.image, result, codec, backbone, size, client, model, link, throttle)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+            if len(results) % CSV_EVERY == 0:
+                write_edge_csv(csv_path, results)
+        if getattr(source, "ended_early", None):
+            summary.warnings.append(source.ended_early)
+    finally:
+        source.close()
+        client.close()
+        if results:  # also on Ctrl-C or an error: the frames sent so far keep their rows
+            write_edge_csv(csv_path, results)
+    if not results:
+        write_edge_csv(csv_path, results)
+    return summary
+
+
+def send_frame(image: np.ndarray, result: EdgeResult, codec: Codec, backbone, size: int,  # noqa: ANN001
+               client: ScoringClient, model: str, link: Link, throttle: bool = False,
+               map_format: str | None = None) -> dict | None:
+    """Encode one frame, send it, fill its row (an error fills ``error`` instead of raising).
+
+    Returns the server's answer (None on an error); ``map_format`` ("png", "float16") asks for the map too.
+    """
+    try:
+        start = time.perf_counter()
+        rgb = resize_image(image, size)
+        body = codec.encode(backbone.features(rgb) if backbone is not None else rgb)
+        result.edge_ms = (time.perf_counter() - start) * 1000.0
+        result.payload_bytes = len(body)
+        result.link_ms = link.transfer_ms(len(body))
+        if throttle and math.isfinite(result.link_ms):
+            time.sleep(result.link_ms / 1000.0)
+        sent = time.perf_counter()
+        answer, result.attempts = client.score(model, body, map_format is not None, map_format or "png")
+        result.http_ms = (time.perf_counter() - sent) * 1000.0
+        result.server_ms = float(answer["timings"]["total_ms"])
+        result.total_ms = result.edge_ms + result.link_ms + result.server_ms
+        result.score, result.normalized_score = float(answer["score"]), float(answer["normalized_score"])
+        result.decision = str(answer["decision"])
+    except EdgeClientError as exc:
+        result.error, result.attempts = str(exc), exc.attempts
+    except EdgeadError as exc:
+        result.error = str(exc)
+    except (KeyError, TypeError, ValueError) as exc:  # a 2xx answer that is not a score answer
+        result.error = f"unexpected answer from the server: {type(exc).__name__}: {exc}"
+    if result.error is not None:
+        result.score = result.normalized_score = result.decision = None  # failed, never "normal"
+        return None
+    return answer
+
+
+_send = send_frame  # its earlier, private name
