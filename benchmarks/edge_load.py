@@ -4,7 +4,9 @@ Starts `edgead.edge.server.serve` in a subprocess on a free loopback port, warms
 ``--clients`` requests in flight for ``--seconds`` (or until ``--max-requests``), and reports requests/s,
 latency p50/p95/p99, errors (must be 0) and the server's memory (all its processes) before and after.
 It stops by itself and always stops the server. Without ``--run`` it fits PatchCore at 256 px on a
-synthetic dataset in ``--work`` first.
+synthetic dataset in ``--work`` first. The result becomes the "## Load test" section of ``--out``
+(docs/results/edge_server.md, the split experiment's page: run the experiment first, it rewrites the
+page), replacing an earlier one; the numbers also go to edge_load.json beside it.
 
     .venv/bin/python benchmarks/edge_load.py [--run RUN] [--workers 2] [--clients 16] [--seconds 60]
 """
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--max-requests", type=int, default=100_000)
     parser.add_argument("--quality", type=int, default=80)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/edge_load.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/edge_server.md"))
     args = parser.parse_args(argv)
 
     run = args.run or fit_default_run(args.work)
@@ -179,10 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["workers", "clients", "model", "payload", "mean_payload_bytes", "requests", "requests_per_s",
                "p50_ms", "p95_ms", "p99_ms", "errors", "server_rss_before_mb", "server_rss_after_mb",
                "rss_growth_pct"]
-    lines = results_header("Scoring server load test (loopback)", "python " + " ".join(sys.argv))
+    section = "## Load test"
+    lines = [section, ""] + results_header("", "python " + " ".join(sys.argv))[2:]
     lines += ["", markdown_table([result], columns, floatfmt=".2f"), ""]
-    atomic_write_text(args.out, "\n".join(lines))
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    page = args.out.read_text().split(section)[0].rstrip() + "\n\n" if args.out.is_file() else ""
+    atomic_write_text(args.out, page + "\n".join(lines))
+    atomic_write_text(args.out.with_name("edge_load.json"), json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

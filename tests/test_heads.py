@@ -35,7 +35,7 @@ def test_chunked_coreset_covers_rare_clusters_in_every_chunk_and_keeps_the_ratio
         coreset.add(part)
         assert coreset._buffered < 500  # never holds more than one chunk
     bank = coreset.finish()
-    assert len(bank) == pytest.approx(0.02 * len(pool), abs=len(pool) // 500 + 1)
+    assert len(bank) == round(0.02 * len(pool))
     # Every rare patch is selected or has a selected rare neighbour (each chunk covers its outliers).
     assert torch.cdist(rare, bank).min(dim=1).values.max() < 1.0
 
@@ -51,7 +51,7 @@ def test_chunked_coreset_does_not_depend_on_batching():
 
 def test_patchcore_bank_stays_within_max_bank_size():
     head = PatchCore(coreset_ratio=0.5, max_bank_size=100, chunk_size=256).fit(normal_features(n=20))
-    assert 90 <= len(head.memory_bank_) <= 100 + 1280 // 256
+    assert len(head.memory_bank_) == 100
 
 
 def test_padim_streamed_statistics_equal_the_batch_ones():

@@ -94,6 +94,8 @@ class ChunkedCoreset:
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
         self._selected: list[torch.Tensor] = []
+        self._seen = 0
+        self._kept = 0
 
     def add(self, patches: torch.Tensor) -> None:
         """Take patches [M, C]; selects from every chunk as soon as it is full."""
@@ -121,7 +123,13 @@ class ChunkedCoreset:
             self._projection = random_projection(chunk.shape[1], self.projection_dim, self.generator)
             self._projection_made = True
         points = chunk @ self._projection if self._projection is not None else chunk
-        n_select = max(1, int(round(len(chunk) * self.ratio)))
+        # Rounded on the running total, so the bank holds round(ratio x patches seen), never more.
+        self._seen += len(chunk)
+        n_select = int(round(self._seen * self.ratio)) - self._kept
+        if n_select < 1 and self._kept:
+            return
+        n_select = max(1, n_select)
+        self._kept += n_select
         self._selected.append(chunk[farthest_points(points, n_select, self.generator)].clone())
 
 
