@@ -132,7 +132,8 @@ def run_demo(
                 "",
                 f"Model `{model}` ({config.backbone}, {config.image_size}x{config.image_size}) fitted in "
                 f"{config.extra['fit_seconds']} s on {config.extra['n_train']} frames of good parts on the belt; "
-                f"threshold {config.threshold:.4f} from {config.extra['n_validation']} held-out good frames.",
+                f"threshold {config.threshold:.4f} from {config.extra['n_validation']} frames of a second recording of "
+                "good parts.",
                 f"Live loop over `{video.name}` ({width}x{height}, {seconds:g} s at {fps:g} fps, every third part "
                 f"defective): decode, preprocess, inference, overlay and encode at {summary.fps:.1f} FPS end to end.",
                 "",

@@ -12,12 +12,16 @@ file: ``config.json`` for a run, ``metrics.json`` for a test report...); a run f
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 from edgead.errors import OutputError, UsageError
 
@@ -177,3 +181,29 @@ def _umask() -> int:
 def default_file_mode() -> int:
     """The mode a plain ``open()`` would give a new file (some writers, e.g. safetensors, use 0600)."""
     return 0o666 & ~_umask()
+
+
+def write_records_csv(
+    path: str | Path,
+    record_type: type,
+    records: Sequence[Any],
+    text_fields: Sequence[str] = ("name",),
+    ms_fields: Sequence[str] = (),
+) -> Path:
+    """Dataclass records as a CSV file, one column per field of ``record_type``, written atomically: the
+    ``text_fields`` (file names, paths) made printable whatever bytes they hold, ``ms_fields`` rounded."""
+    from edgead.runtime.cvpaths import printable
+
+    handle = io.StringIO()
+    writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(record_type)])
+    writer.writeheader()
+    for record in records:
+        row = asdict(record)
+        for key in text_fields:
+            if row[key] is not None:
+                row[key] = printable(str(row[key]))
+        for key in ms_fields:
+            if row[key] is not None:
+                row[key] = round(row[key], 3)
+        writer.writerow(row)
+    return atomic_write_text(path, handle.getvalue())

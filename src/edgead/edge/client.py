@@ -13,14 +13,12 @@ gets its row in predictions.csv with the reason; the CSV is rewritten atomically
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import math
 import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,9 +28,8 @@ from edgead.data.images import resize_image
 from edgead.edge.auth import API_KEY_HEADER, read_api_key
 from edgead.edge.codecs import CODECS, DEFAULT_QUALITY, DEFAULT_RATIO, FEATURE_CODECS, Codec, create_codec
 from edgead.errors import EdgeadError, UsageError
-from edgead.outputs import atomic_write_text, check_output_dir
+from edgead.outputs import check_output_dir, write_records_csv
 from edgead.progress import progress as progress_bar
-from edgead.runtime.cvpaths import printable
 from edgead.runtime.sources import open_source
 from edgead.runtime.stream import ResultCounts
 
@@ -196,17 +193,8 @@ def _detail(response: httpx.Response) -> str:
 
 
 def write_edge_csv(path: Path, results: Sequence[EdgeResult]) -> Path:
-    handle = io.StringIO()
-    writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(EdgeResult)])
-    writer.writeheader()
-    for result in results:
-        row = asdict(result)
-        row["name"] = printable(result.name)
-        for key in ("edge_ms", "link_ms", "server_ms", "total_ms", "http_ms"):
-            if row[key] is not None:
-                row[key] = round(row[key], 3)
-        writer.writerow(row)
-    return atomic_write_text(path, handle.getvalue())
+    ms = ("edge_ms", "link_ms", "server_ms", "total_ms", "http_ms")
+    return write_records_csv(path, EdgeResult, results, text_fields=("name",), ms_fields=ms)
 
 
 def _check_edge_side(backbone, info: dict, mode: str) -> None:  # noqa: ANN001

@@ -13,15 +13,13 @@ A frame that cannot be read or scored is recorded in the CSV and skipped; the lo
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +31,10 @@ from edgead.data.images import resize_image
 from edgead.deploy.runtimes import Inferencer, load_inferencer
 from edgead.errors import EdgeadError, NonFiniteError, UsageError
 from edgead.metrics import normalize_scores
-from edgead.outputs import atomic_write_text, check_output_dir
+from edgead.outputs import check_output_dir, write_records_csv
 from edgead.progress import progress as progress_bar
 from edgead.runtime.annotate import annotate_frame
-from edgead.runtime.cvpaths import WritablePath, printable, write_image
+from edgead.runtime.cvpaths import WritablePath, write_image
 from edgead.runtime.privacy import PrivacyFilter
 from edgead.runtime.sources import CaptureSource, Frame, FrameSource, open_source, prefetch
 
@@ -224,19 +222,7 @@ class _Writer:
 
 def write_frames_csv(path: Path, results: list[FrameResult]) -> Path:
     """One row per frame, the columns of :class:`FrameResult`; written atomically, names made printable."""
-    handle = io.StringIO()
-    writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(FrameResult)])
-    writer.writeheader()
-    for result in results:
-        row = asdict(result)
-        row["name"] = printable(result.name)
-        if result.output is not None:
-            row["output"] = printable(str(result.output))
-        if result.inference_ms is not None:
-            row["inference_ms"] = round(result.inference_ms, 3)
-        writer.writerow(row)
-    atomic_write_text(path, handle.getvalue())
-    return path
+    return write_records_csv(path, FrameResult, results, text_fields=("name", "output"), ms_fields=("inference_ms",))
 
 
 def _score(model: Inferencer, model_input: np.ndarray) -> tuple[np.ndarray, float]:
