@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgead.errors import RunFolderError
+from edgead.errors import DatasetError, RunFolderError
 from edgead.evaluation import evaluate_run
 from edgead.runs import load_run, read_config
 
@@ -132,3 +132,7 @@ def test_threshold_from_a_separate_folder_of_good_images(synthetic_dataset: Path
     )
     assert config.extra["n_train"] == len(list((synthetic_dataset / "train" / "good").glob("*.png")))
     assert config.extra["n_validation"] == 5
+    with pytest.raises(DatasetError, match="--validation: .* has no images"):
+        fit_run(synthetic_dataset, tmp_path / "run2", model="padim", image_size=64, pretrained=False,
+                progress=False, validation_dataset=tmp_path / "run")
+    assert not (tmp_path / "run2").exists()  # checked before any work

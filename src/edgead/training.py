@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edgead.data.datasets import AnomalyDataset, load_normal_images, open_dataset, split_validation
-from edgead.errors import NonFiniteError, UsageError
+from edgead.errors import DatasetError, NonFiniteError, UsageError
 from edgead.inference import iter_features, predict_samples
 from edgead.metrics import threshold_from_normal
 from edgead.models import Pipeline, create_head, create_pipeline
@@ -121,7 +121,10 @@ def fit_run(
     else:
         held_out = validation_dataset
         train = data.train
-        validation = held_out.train if isinstance(held_out, AnomalyDataset) else load_normal_images(held_out)
+        try:
+            validation = held_out.train if isinstance(held_out, AnomalyDataset) else load_normal_images(held_out)
+        except DatasetError as exc:
+            raise DatasetError(f"--validation: {exc}") from exc
     run_dir = check_output_dir(run_dir, CONFIG_FILE, force=force, kind="run")
     torch.manual_seed(seed)
     if pipeline is None:
