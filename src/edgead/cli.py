@@ -581,6 +581,10 @@ def split(
         bool, typer.Option("--reuse-runs", help="Load runs already in --runs-dir instead of refitting them.")
     ] = False,
     param: ParamOption = None,
+    webp_fit: Annotated[
+        bool,
+        typer.Option(help="Score webp with a run fitted on WebP-round-tripped training images (else the originals)."),
+    ] = True,
 ) -> None:
     """Every edge/server split mode through the real server: accuracy, payload and time per frame, one report."""
     from edgead.experiments.split import run_split_experiment
@@ -602,6 +606,7 @@ def split(
         workers=workers,
         reuse_runs=reuse_runs,
         hyperparameters=parse_params(param),
+        webp_fit=webp_fit,
         warn=lambda message: typer.echo(f"warning: {message}", err=True),
     )
     for row in rows:

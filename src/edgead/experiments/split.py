@@ -97,6 +97,7 @@ class SplitSettings:
     workers: int
     reuse_runs: bool
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    webp_fit: bool = True  # score webp with a run fitted on WebP-round-tripped training images
 
     def check(self) -> None:
         """The options the constructor's arguments did not check already (modes and link are)."""
@@ -270,7 +271,7 @@ def prepare_runs(label: str, dataset: Path, settings: SplitSettings, runs_dir: P
                      image_size=settings.image_size, seed=settings.seed, progress=progress,
                      hyperparameters=settings.hyperparameters, pq_codebook=name == EDGE_MODEL)
         runs[name] = run_dir
-    if "webp" in settings.modes:
+    if "webp" in settings.modes and settings.webp_fit:
         backbone = settings.server_backbone or settings.backbone
         webp_label = f"{MODEL}_{backbone}_{settings.image_size}_{label.replace('/', '_')}_webp{settings.quality}"
         train = webp_training_set(dataset, runs_dir / f"{webp_label}_data", settings.image_size, settings.quality)
@@ -290,8 +291,8 @@ def webp_training_set(dataset: Path, folder: Path, image_size: int, quality: int
     ``quality``), as an MVTec-layout folder under the runs folder (never the repository).
 
     A run fitted on the original images takes WebP's ringing and blocking for defects on fine textures
-    (screw: image AUROC 0.970 -> 0.689 at quality 80); fitted on what the codec delivers, it learns them
-    as normal, as the demo's model learns the video codec's artefacts.
+    (docs/results/edge_server_webp_original_fit.md); fitted on what the codec delivers, it learns them as
+    normal, as the demo's model learns the video codec's artefacts.
     """
     from PIL import Image
 
@@ -551,11 +552,11 @@ def report_notes(settings: SplitSettings, title: str, command: str | None, serve
         "the run's codebook (`fit --pq-codebook` defaults: sub-vectors of about 8 dimensions, 8 bits each). "
         "Payload format and codecs: docs/edge_payload.md.",
         f"- {server_note}",
-        f"- The webp mode is scored by a run fitted like the others but on the training images after the same "
-        f"WebP round trip (quality {s.quality}, `webp_training_set`): the model learns the codec's artefacts as "
-        "normal. A run fitted on the original images loses up to 28 points on fine textures (screw: 0.970 -> "
-        "0.689 at quality 80 in the first run of this experiment, before this mode existed; git history of "
-        "docs/results/edge_server.md).",
+        (f"- The webp mode is scored by a run fitted like the others but on the training images after the same "
+         f"WebP round trip (quality {s.quality}, `webp_training_set`): the model learns the codec's artefacts as "
+         "normal (`--no-webp-fit` scores it with the run fitted on the original images: "
+         "docs/results/edge_server_webp_original_fit.md)." if s.webp_fit else
+         "- --no-webp-fit: the webp mode is scored by the run fitted on the original training images."),
         f"- Pixel metrics from the server's anomaly map at the full {s.image_size} px input size (float16 in the "
         f"JSON answer), against the masks resized to {s.image_size} px (nearest); pixel_f1 = the best F1 over all "
         "thresholds over all pixels (an oracle, as image F1-max); '-' where the dataset has no masks (its "
@@ -587,6 +588,7 @@ def run_split_experiment(
     workers: int = 1,
     reuse_runs: bool = False,
     hyperparameters: dict[str, Any] | None = None,
+    webp_fit: bool = True,
     progress: bool = True,
     command: str | None = None,
     warn: Callable[[str], None] | None = None,
@@ -601,7 +603,7 @@ def run_split_experiment(
         modes=check_modes(modes), link=Link(parse_bandwidth(bandwidth), float(latency_ms)),
         bandwidth_text=str(bandwidth), image_size=image_size, backbone=backbone, server_backbone=server_backbone,
         ratio=ratio, quality=quality, seed=seed, max_images=max_images, workers=workers, reuse_runs=reuse_runs,
-        hyperparameters=dict(hyperparameters or {}))
+        hyperparameters=dict(hyperparameters or {}), webp_fit=webp_fit)
     settings.check()
     out_markdown = check_output_file(out_markdown, (".md",))
     runs_dir = check_work_dir(runs_dir, "--runs-dir")
