@@ -104,3 +104,28 @@ def test_markdown_table():
     assert lines[1] == "| --- | ---: | ---: |"
     assert lines[2] == "| patchcore | 0.988 | 12 |"
     assert lines[3] == "| padim\\|x | - | 7 |"
+
+
+def test_benchmark_compare_rows_are_checked_and_filtered(tmp_path):
+    from edgead.benchmark import BenchmarkReport, earlier_rows
+    from edgead.errors import UsageError
+
+    page = tmp_path / "earlier.json"
+    page.write_text(json.dumps([
+        {"dataset": "bottle", "model": "padim", "layers": "2,3", "image_auroc": 1.0},
+        {"dataset": "bottle", "model": "padim", "layers": "2,3,4", "image_auroc": 0.99},
+        {"dataset": "screw", "model": "padim", "layers": "2,3", "image_auroc": 0.9},
+    ]))  # fmt: skip
+    rows = earlier_rows([page], {"bottle"})
+    assert [r["layers"] for r in rows] == ["2,3", "2,3,4"] and rows[0]["source"] == "earlier.json"
+    for bad in ("not json", json.dumps({"dataset": "bottle"}), json.dumps([{"model": "padim"}])):
+        page.write_text(bad)
+        with pytest.raises(UsageError, match="--compare"):
+            earlier_rows([page], {"bottle"})
+    report = BenchmarkReport(tmp_path / "out.md", ["student"], "efficientnet_lite0", 256, "cmd", [], ["torch"], False)
+    report.earlier = rows
+    report.rows = [{"dataset": "bottle", "model": "student", "layers": "2,3", "image_auroc": 0.99}]
+    report.write()
+    text = (tmp_path / "out.md").read_text()
+    assert "earlier measurements" in text and "earlier.json" in text
+    assert "0.990" not in text.split("## Beside")[1]  # the 2,3,4 row is not shown beside a 2,3 benchmark

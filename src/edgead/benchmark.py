@@ -45,8 +45,10 @@ RUNTIME_COLUMNS = [
     "runtime",
     "image_auroc",
     "pixel_auroc",
+    "aupro",
     "image_auroc_change",
     "pixel_auroc_change",
+    "fit_s",
     "file_mb",
     "p50_ms",
     "p95_ms",
@@ -242,11 +244,13 @@ def run_benchmark(
     reuse_runs: bool = False,
     hardware: bool = False,
     aggregation_border: str | None = None,
+    compare: Sequence[str | Path] = (),
 ) -> list[dict[str, Any]]:
     """Every dataset x layer set x model (x runtime); ``layers`` None is the backbone's default.
 
     ``hardware`` adds the hardware view: ``hardware_benchmark.csv`` and ``accuracy_vs_latency.png``
-    in ``out_markdown``'s folder, and a table of them in the report.
+    in ``out_markdown``'s folder, and a table of them in the report. ``compare`` names earlier
+    benchmark JSON files whose rows on the same datasets are shown beside, as they were measured.
     """
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
@@ -270,7 +274,9 @@ def run_benchmark(
         )
         create_head(model, **(hyperparameters or {}).get(model, {}))
     paths = expand_datasets(datasets)
+    earlier = earlier_rows(compare, {label for label, _ in paths})
     report = BenchmarkReport(out_markdown, models, backbone, image_size, command, notes, runtimes, hardware)
+    report.earlier = earlier
     for label, path in paths:
         for layers in layer_sets:
             for model in models:
@@ -305,6 +311,20 @@ def run_benchmark(
     return report.rows
 
 
+def earlier_rows(paths: Sequence[str | Path], datasets: set[str]) -> list[dict[str, Any]]:
+    """The rows of earlier benchmark JSON files on ``datasets``, each with the file it came from."""
+    rows: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--compare {path}: not a readable benchmark JSON file ({exc})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) and {"dataset", "model"} <= set(r) for r in data):
+            raise UsageError(f"--compare {path}: not a benchmark JSON file (a list of rows with dataset and model)")
+        rows += [{**r, "source": path.name} for r in data if r["dataset"] in datasets]
+    return rows
+
+
 class BenchmarkReport:
     """The markdown table + JSON of a benchmark, rewritten atomically as rows finish."""
 
@@ -321,6 +341,7 @@ class BenchmarkReport:
     ) -> None:
         self.out_markdown, self.runtimes, self.hardware = out_markdown, list(runtimes), hardware
         self.rows: list[dict[str, Any]] = []
+        self.earlier: list[dict[str, Any]] = []
         self.failures: list[dict[str, str]] = []
         self.header = [
             *results_header(f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command),
@@ -341,6 +362,22 @@ class BenchmarkReport:
         lines = list(self.header)
         if self.rows:
             lines += [markdown_table(self.rows, COLUMNS if len(self.runtimes) == 1 else RUNTIME_COLUMNS), ""]
+        # Earlier rows with the layer sets measured here (all of them before the first row is in).
+        layers = {r.get("layers") for r in self.rows}
+        earlier = [r for r in self.earlier if not self.rows or r.get("layers") in layers]
+        if earlier:
+            columns = [c for c in COLUMNS if c != "fit_s"] + ["fit_s", "source"]
+            if any(r.get("runtime", "torch") != "torch" for r in earlier):
+                columns.insert(2, "runtime")
+            lines += [
+                "## Beside: earlier measurements (not re-run here)",
+                "",
+                "Rows of the pages named in `source`, on the same datasets, as measured there (their command, "
+                "machine and date are on those pages).",
+                "",
+                markdown_table(earlier, columns),
+                "",
+            ]
         if self.failures:
             lines += ["## Failed", "", markdown_table(self.failures, ["dataset", "model", "error"]), ""]
         if self.hardware and self.rows:

@@ -93,7 +93,7 @@ def fit(
         typer.Argument(help="MVTec-layout category (train/good, ...) or plain folder (good/, <defect>/)."),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder to write.")] = "runs/latest",
-    model: Annotated[str, typer.Option(help="Method: tinyglass, patchcore or padim.")] = "patchcore",
+    model: Annotated[str, typer.Option(help="Method: patchcore, padim, tinyglass, student or autoencoder.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Backbone name, see `edgead list`.")] = "efficientnet_lite0",
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 256,
     layers: Annotated[
@@ -259,7 +259,7 @@ def predict(
 def benchmark(
     datasets: DatasetsArgument,
     models: Annotated[
-        str, typer.Option(help="Comma-separated models (tinyglass, patchcore, padim).")
+        str, typer.Option(help="Comma-separated models (see `edgead list`).")
     ] = "patchcore,padim",
     out: Annotated[
         str, typer.Option("--out", "-o", help="Markdown table to write (JSON beside it).")
@@ -294,6 +294,10 @@ def benchmark(
         ),
     ] = False,
     aggregation_border: BorderOption = "zeros",
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(help="An earlier benchmark JSON whose rows on these datasets are shown beside (repeatable)."),
+    ] = None,
 ) -> None:
     """Fit + test every model on every dataset (and runtime); write one markdown table and JSON."""
     from edgead.benchmark import run_benchmark
@@ -314,6 +318,7 @@ def benchmark(
         reuse_runs=reuse_runs,
         hardware=hardware,
         aggregation_border=aggregation_border,
+        compare=compare or (),
     )
     for row in rows:
         typer.echo(

@@ -1,4 +1,4 @@
-"""The Sony IMX500 target: quantize a fitted TinyGLASS run for the sensor and check that it fits.
+"""The Sony IMX500 target: quantize a fitted TinyGLASS or student run for the sensor and check that it fits.
 
 Sony's toolchain (Model Compression Toolkit for INT8 post-training quantization, ``imxconv-pt`` for
 the conversion) needs another torch than edgead's, so it lives in its own environment, built once by
@@ -9,7 +9,7 @@ subprocess; nothing here imports the toolchain.
     >>> summary = export_imx500("runs/bottle_tg", "exports/bottle_imx500")
     >>> summary["memory"]["memory_usage"], summary["fits"]
 
-The output folder then holds ``edgead_tinyglass.onnx`` (MCT's quantized ONNX), ``packerOut.zip``
+The output folder then holds ``edgead_<model>.onnx`` (MCT's quantized ONNX), ``packerOut.zip``
 (what ``imx500-package`` turns into a firmware file on the Raspberry Pi), the converter's
 ``*_MemoryReport.json`` and ``dnnParams.xml``, its log ``imxconv.log`` and ``imx500_summary.json``.
 """
@@ -32,7 +32,7 @@ HOME_ENV = "EDGEAD_IMX500_HOME"
 SETUP_COMMAND = "bash scripts/setup_imx500.sh"
 STAMP_FILE = ".edgead-imx500-installed"
 SUMMARY_FILE = "imx500_summary.json"
-SUPPORTED_MODELS = ("tinyglass",)
+SUPPORTED_MODELS = ("tinyglass", "student")
 WORKER = Path(__file__).with_name("imx500_worker.py")
 
 
@@ -95,10 +95,10 @@ def export_imx500(
     memory_report_only: bool = False,
     timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Quantize a fitted TinyGLASS run for the IMX500, convert it and return the summary.
+    """Quantize a fitted TinyGLASS or student run for the IMX500, convert it and return the summary.
 
     Args:
-        run_dir: a run folder made by ``edgead fit --model tinyglass``.
+        run_dir: a run folder made by ``edgead fit --model tinyglass`` (or ``--model student``).
         out_dir: created if needed; receives the quantized ONNX, ``packerOut.zip``, the converter's
             memory report and ``imx500_summary.json``.
         n_calibration: images from the run's training split of train/good used by MCT to calibrate
@@ -117,7 +117,7 @@ def export_imx500(
 
     Raises:
         EdgeadError: the toolchain is not installed (run ``bash scripts/setup_imx500.sh``), Java is
-            missing, or the run folder is not a TinyGLASS run.
+            missing, or the run folder is not a TinyGLASS or student run.
         Imx500Error: a stage refused the network (the tool's message is in it) or the network does
             not fit in the sensor's memory; ``.summary`` holds the report.
     """
@@ -128,8 +128,8 @@ def export_imx500(
     if config.model not in SUPPORTED_MODELS:
         raise EdgeadError(
             f"{run_dir} holds a '{config.model}' model: the IMX500 target supports {', '.join(SUPPORTED_MODELS)} "
-            "only (its whole inference is convolutions; PatchCore and PaDiM are not sensor graphs). "
-            "Fit one with `edgead fit DATASET --model tinyglass`"
+            "only (their whole inference is convolutions; PatchCore and PaDiM are not sensor graphs). "
+            "Fit one with `edgead fit DATASET --model student`"
         )
     python = toolchain_python()
     if shutil.which("java") is None:

@@ -1,11 +1,12 @@
-"""IMX500 worker: quantize a fitted TinyGLASS run with Sony's MCT and convert it with ``imxconv-pt``.
+"""IMX500 worker: quantize a fitted TinyGLASS or student run with Sony's MCT and convert it with ``imxconv-pt``.
 
 This script runs INSIDE the isolated IMX500 toolchain environment built by ``scripts/setup_imx500.sh``
 (torch 2.6, model-compression-toolkit 2.5.1, imx500-converter 3.19.2), never in edgead's own
 environment. :func:`edgead.deploy.imx500.export_imx500` starts it with that environment's Python and
 with only the calling edgead package on ``PYTHONPATH``, so both sides run the same edgead code.
 
-What goes on the sensor (the "sensor net"): preprocess + backbone + TinyGLASS head, i.e.
+What goes on the sensor (the "sensor net"): preprocess + backbone + TinyGLASS head (or teacher + student +
+autoencoder + discrepancy for the student model, see :func:`build_student_sensor_net`), i.e.
 
     image [1, 3, S, S], RGB scaled to 0..1  ->  patch anomaly scores [1, 1, S/8, S/8] in 0..1
 
@@ -52,7 +53,6 @@ from typing import Any  # noqa: E402
 
 SUMMARY_FILE = "imx500_summary.json"
 CONVERTER_LOG = "imxconv.log"
-NETWORK_NAME = "edgead_tinyglass"
 TPC_VERSION = "v1"  # MCT 2.5.1's IMX500 target platform capabilities
 TOOL_PACKAGES = (
     "torch",
@@ -112,41 +112,28 @@ def plain_convolutions(module):
     return module
 
 
-def build_sensor_net(pipeline):
-    """Preprocess + backbone + TinyGLASS head as one plain module: 0..1 image -> patch scores."""
+def sensor_features(pipeline):
+    """Preprocess + frozen backbone as a plain module (0..1 image -> features), traceable by torch.fx.
+
+    FeatureExtractor.forward without its dynamic shape check (which MCT's tracer cannot follow), and with
+    plain convolutions; for the student model the backbone slot's teacher is taken.
+    """
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    head = pipeline.head
-    head.check_fitted()
-    mean = head.feature_mean_.flatten().double()
-    std = head.feature_std_.flatten().double()
-    adaptor = head.adaptor
-    # adaptor((f - m) / s) = conv(W / s, f) + (b - W @ (m / s)): fold the standardisation, exactly.
-    weight = adaptor.weight.detach().double()  # [C, C, 1, 1]
-    bias = adaptor.bias.detach().double() if adaptor.bias is not None else torch.zeros(weight.shape[0])
-    folded = nn.Conv2d(adaptor.in_channels, adaptor.out_channels, kernel_size=1, bias=True)
-    with torch.no_grad():
-        folded.weight.copy_((weight / std.view(1, -1, 1, 1)).float())
-        folded.bias.copy_((bias - (weight[:, :, 0, 0] * (mean / std).view(1, -1)).sum(dim=1)).float())
-
-    backbone = pipeline.backbone
+    backbone = getattr(pipeline.backbone, "teacher", pipeline.backbone)
     layers = tuple(backbone.layers)
     # Integer upsampling factor of each chosen stage to the finest chosen stride (static shapes).
     scales = tuple(s // backbone.stride for s in backbone.layer_strides)
 
-    class SensorNet(nn.Module):
-        """FeatureExtractor.forward without its dynamic shape check, which torch.fx (MCT) cannot trace."""
-
+    class SensorFeatures(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.register_buffer("input_mean", pipeline.mean.clone())
             self.register_buffer("input_std", pipeline.std.clone())
             self.stages = plain_convolutions(copy.deepcopy(backbone.stages))
             self.pool = backbone.pool
-            self.adaptor = folded
-            self.discriminator = head.discriminator
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             x = (images - self.input_mean) / self.input_std
@@ -161,10 +148,130 @@ def build_sensor_net(pipeline):
                 else F.interpolate(f, scale_factor=float(scale), mode="bilinear", align_corners=False)
                 for f, scale in zip(feats, scales, strict=True)
             ]
-            features = resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
-            return self.discriminator(self.adaptor(features))
+            return resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
+
+    return SensorFeatures()
+
+
+def fold_affine_into_conv(conv, scale, shift):
+    """A new conv computing ``conv(x) * scale + shift`` (per output channel), exactly in float64."""
+    import torch
+    from torch import nn
+
+    weight = conv.weight.detach().double()
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
+    with torch.no_grad():
+        folded.weight.copy_((weight * scale.view(-1, 1, 1, 1)).float())
+        folded.bias.copy_((bias * scale + shift).float())
+    return folded
+
+
+def build_tinyglass_sensor_net(pipeline):
+    """Preprocess + backbone + TinyGLASS head as one plain module: 0..1 image -> patch scores."""
+    import torch
+    from torch import nn
+
+    head = pipeline.head
+    mean = head.feature_mean_.flatten().double()
+    std = head.feature_std_.flatten().double()
+    adaptor = head.adaptor
+    # adaptor((f - m) / s) = conv(W / s, f) + (b - W @ (m / s)): fold the standardisation, exactly.
+    weight = adaptor.weight.detach().double()  # [C, C, 1, 1]
+    bias = adaptor.bias.detach().double() if adaptor.bias is not None else torch.zeros(weight.shape[0])
+    folded = nn.Conv2d(adaptor.in_channels, adaptor.out_channels, kernel_size=1, bias=True)
+    with torch.no_grad():
+        folded.weight.copy_((weight / std.view(1, -1, 1, 1)).float())
+        folded.bias.copy_((bias - (weight[:, :, 0, 0] * (mean / std).view(1, -1)).sum(dim=1)).float())
+
+    class SensorNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = sensor_features(pipeline)
+            self.adaptor = folded
+            self.discriminator = head.discriminator
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.discriminator(self.adaptor(self.features(images)))
 
     return SensorNet().eval()
+
+
+def build_student_sensor_net(pipeline):
+    """Teacher + student (+ autoencoder) + discrepancy as one plain module: 0..1 image -> patch scores.
+
+    The head's channel slices and standardisation are folded away, so the graph is convolutions, ReLUs,
+    resizes, one subtraction and one square per branch, a concat and a last 1x1 convolution:
+    - the student's last 1x1 convolution is split into its teacher half and its autoencoder half, and
+      the teacher half is de-standardised (``y * std + mean``), exactly;
+    - mean_c(((t - m) / s - y)^2) = sum_c (t - y')^2 / (C s_c^2): the per-channel weights, the map
+      quantile normalisation and the 0.5 / 0.5 average become the weights and bias of one 1x1
+      convolution over [(t - y')^2 | (a - y_ae)^2].
+    """
+    import torch
+    from torch import nn
+
+    head, extractor = pipeline.head, pipeline.backbone
+    c = head.channels
+    mean = head.teacher_mean_.flatten().double()
+    std = head.teacher_std_.flatten().double()
+    q = head.quantiles_.flatten().double()
+    last = extractor.student.layers[-1]
+    trunk = copy.deepcopy(extractor.student.layers[:-1])
+
+    def half(rows: slice):
+        conv = nn.Conv2d(last.in_channels, c, 1)
+        with torch.no_grad():
+            conv.weight.copy_(last.weight[rows])
+            conv.bias.copy_(last.bias[rows])
+        return conv
+
+    to_teacher = fold_affine_into_conv(half(slice(0, c)), std, mean)
+    # Normalised map = a * raw + b with a = 0.1 / (q_high - q_low), b = -a q_low, halved when averaged.
+    weight_st = 0.1 / (q[1] - q[0]) / (c * std**2)
+    bias = -0.1 * q[0] / (q[1] - q[0])
+    weights = [weight_st]
+    if head.autoencoder:
+        weights = [0.5 * weight_st, torch.full((c,), 0.05 / (q[3] - q[2]) / c, dtype=torch.float64)]
+        bias = 0.5 * bias - 0.05 * q[2] / (q[3] - q[2])
+    combine = nn.Conv2d(c * len(weights), 1, 1)
+    with torch.no_grad():
+        combine.weight.copy_(torch.cat(weights).view(1, -1, 1, 1).float())
+        combine.bias.fill_(float(bias))
+
+    class SensorNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = sensor_features(pipeline)
+            self.student = trunk
+            self.to_teacher = to_teacher
+            self.to_autoencoder = half(slice(c, 2 * c)) if head.autoencoder else None
+            self.autoencoder = copy.deepcopy(extractor.autoencoder)
+            self.combine = combine
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            hidden = self.student(images)
+            difference = self.features(images) - self.to_teacher(hidden)
+            squares = difference * difference
+            if self.to_autoencoder is not None:
+                difference_ae = self.autoencoder(images) - self.to_autoencoder(hidden)
+                squares = torch.cat([squares, difference_ae * difference_ae], dim=1)
+            return self.combine(squares)
+
+    return SensorNet().eval()
+
+
+SENSOR_NETS = {"tinyglass": build_tinyglass_sensor_net, "student": build_student_sensor_net}
+OUTPUT_MEANINGS = {
+    "tinyglass": "patch anomaly scores in 0..1 (TinyGLASS discriminator, sigmoid)",
+    "student": "patch anomaly scores, normalised discrepancy (about 0 on normal patches, 0.1 at the normal 99.5% quantile)",
+}
+
+
+def build_sensor_net(pipeline):
+    """The network that goes on the sensor for a fitted run (TinyGLASS or student): image -> patch scores."""
+    pipeline.head.check_fitted()
+    return SENSOR_NETS[pipeline.head.name](pipeline)
 
 
 def calibration_images(config, n: int, seed: int = 0):
@@ -389,11 +496,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["stage"] = "load"
         log(f"loading {args.run_dir}")
         pipeline, config = timed("load_run", load_run, args.run_dir)
-        if config.model != "tinyglass":
+        if config.model not in SENSOR_NETS:
             raise StageError(
                 "load",
-                f"the IMX500 target supports TinyGLASS runs only, this run holds a '{config.model}' model "
-                "(PatchCore and PaDiM search or invert large matrices that do not run on the sensor)",
+                f"the IMX500 target supports {' and '.join(SENSOR_NETS)} runs only, this run holds a "
+                f"'{config.model}' model (PatchCore and PaDiM search or invert large matrices that do not run "
+                "on the sensor)",
             )
         size = config.image_size
         summary.update(
@@ -431,7 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         summary["output"] = {
             "shape": list(patch_scores.shape),
-            "meaning": "patch anomaly scores in 0..1 (TinyGLASS discriminator, sigmoid)",
+            "meaning": OUTPUT_MEANINGS[config.model],
         }
         summary["float_fold_max_abs_error"] = float((patch_scores - reference).abs().max())
 
@@ -446,7 +554,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["quantization_fidelity"] = timed("fidelity", fidelity, net, quantized, images)
 
         summary["stage"] = "export_onnx"
-        onnx_path = out_dir / f"{NETWORK_NAME}.onnx"
+        onnx_path = out_dir / f"edgead_{config.model}.onnx"
         log(f"exporting the quantized ONNX to {onnx_path}")
         try:
             import model_compression_toolkit as mct

@@ -71,6 +71,8 @@ _HIDDEN_DIMS = {
     "discriminator.3.weight": 1,
 }
 
+PRUNABLE_MODELS = ("patchcore", "padim", "tinyglass")  # the student and baselines train their own networks
+
 
 def check_ratio(ratio: float) -> float:
     """The share of channels to remove, checked to lie strictly between 0 and 1."""
@@ -189,6 +191,11 @@ def prune_pipeline(
     config entries (``pruned_channels``) that rebuild its shapes.
     """
     ratio = check_ratio(ratio)
+    if pipeline.head.name not in PRUNABLE_MODELS:
+        raise EdgeadError(
+            f"pruning supports {', '.join(PRUNABLE_MODELS)} runs, not '{pipeline.head.name}' (its own networks "
+            "are trained from scratch: make them smaller with their width setting instead, e.g. -p width=16)"
+        )
     overrides = dict(hyperparameters or {})
     if "hidden" in overrides or "in_channels" in overrides:
         raise EdgeadError("'hidden' and 'in_channels' are set by pruning, not by hyperparameters")

@@ -56,27 +56,39 @@ from edgead.deploy.onnx_export import (
 from edgead.errors import EdgeadError
 
 HEAD_SCOPES = ("/head/", "/postprocess/")  # node-name parts of ops that always stay in float
-STAGE_NAME = re.compile(r"/backbone/stages\.(\d+)/")
+# Backbone stages (the student model's teacher stages too) and the trained networks in the backbone slot
+# (student, autoencoder, SimCLR encoder), which run on the device: the ops that can run in INT8.
+STAGE_NAME = re.compile(r"(/backbone/(?:teacher/)?stages\.)(\d+)/")
+INT8_REGION = re.compile(r"/backbone/((?:teacher/)?stages\.\d+|student|autoencoder|encoder)/")
 T = TypeVar("T")
 FLOAT_STAGES_KEY = "int8_float_stages"  # metadata: which backbone stages an INT8 file keeps in float
 
 
-def int8_scope(model_path: str | Path) -> str:
-    """Node-name part of the deepest backbone stage in the graph, the one that always runs in INT8."""
+def _stages(model_path: str | Path) -> tuple[str, int]:
+    """The backbone stages' node-name prefix and the deepest stage's index; ("", 0) for a graph with no
+    backbone stages whose networks can still run in INT8 (the autoencoder's, SimCLR's encoder)."""
     import onnx
 
-    stages = {
-        int(m.group(1)) for n in onnx.load(str(model_path)).graph.node if (m := STAGE_NAME.search(n.name))
-    }
-    if not stages:
-        raise EdgeadError(f"{model_path} has no /backbone/stages.N/ nodes to quantize")
-    return f"/backbone/stages.{max(stages)}/"
+    names = [n.name for n in onnx.load(str(model_path)).graph.node]
+    found = [m for name in names if (m := STAGE_NAME.search(name))]
+    if found:
+        deepest = max(found, key=lambda m: int(m.group(2)))
+        return deepest.group(1), int(deepest.group(2))
+    if any(INT8_REGION.search(name) for name in names):
+        return "", 0
+    raise EdgeadError(f"{model_path} has no backbone nodes to quantize (/backbone/stages.N/ and the like)")
+
+
+def int8_scope(model_path: str | Path) -> str:
+    """Node-name part of the deepest backbone stage in the graph, the one that always runs in INT8."""
+    prefix, deepest = _stages(model_path)
+    return f"{prefix}{deepest}/" if prefix else "/backbone/"
 
 
 def float_scopes(model_path: str | Path) -> tuple[str, ...]:
     """Node-name parts of the ops kept in float: head, postprocess and every backbone stage but the deepest."""
-    deepest = int(STAGE_NAME.search(int8_scope(model_path)).group(1))
-    return HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in range(deepest))
+    prefix, deepest = _stages(model_path)
+    return HEAD_SCOPES + tuple(f"{prefix}{i}/" for i in range(deepest))
 
 
 # Of the normal score spread: the widest INT8 scope whose validation scores stay this close to fp32 is used.
@@ -86,8 +98,8 @@ INT8_ERROR_BUDGET = 0.1
 def candidate_float_scopes(model_path: str | Path) -> list[tuple[str, ...]]:
     """Float scopes to try, most INT8 first: head and postprocess plus stage 0, plus stages 0-1, ..., up to
     :func:`float_scopes` (every stage but the deepest in float), the one kept when no other is close enough."""
-    deepest = int(STAGE_NAME.search(int8_scope(model_path)).group(1))
-    return [HEAD_SCOPES + tuple(f"/backbone/stages.{i}/" for i in range(n)) for n in range(1, deepest)] + [
+    prefix, deepest = _stages(model_path)
+    return [HEAD_SCOPES + tuple(f"{prefix}{i}/" for i in range(n)) for n in range(1, deepest)] + [
         float_scopes(model_path)
     ]
 
@@ -113,8 +125,8 @@ def widest_within_budget(
 
 
 def _runs_in_float(name: str, keep_float: tuple[str, ...]) -> bool:
-    """Whether the op named ``name`` stays in float: inside a float scope, or outside the backbone stages."""
-    return any(part in name for part in keep_float) or "/backbone/stages." not in name
+    """Whether the op named ``name`` stays in float: inside a float scope, or outside the INT8 region."""
+    return any(part in name for part in keep_float) or not INT8_REGION.search(name)
 
 
 def _float_readers_onnx(path: Path, keep_float: tuple[str, ...]) -> None:
@@ -244,7 +256,7 @@ def _quantize_within_budget(
 
 
 def _float_stages_note(keep_float: tuple[str, ...]) -> str:
-    stages = sorted(int(m.group(1)) for part in keep_float if (m := STAGE_NAME.search(part)))
+    stages = sorted(int(m.group(2)) for part in keep_float if (m := STAGE_NAME.search(part)))
     return f"backbone stages {stages} in float" if stages else "whole backbone in INT8"
 
 

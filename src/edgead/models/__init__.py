@@ -7,13 +7,23 @@ from typing import Any
 from pydantic import ValidationError
 
 from edgead.errors import EdgeadError, UsageError
+from edgead.models.autoencoder import ReconstructionError
 from edgead.models.base import Head, Pipeline
 from edgead.models.glass import TinyGlass
 from edgead.models.padim import Padim
 from edgead.models.patchcore import PatchCore
+from edgead.models.simclr import SimClr
+from edgead.models.student import Student
 from edgead.validation import describe
 
-HEADS: dict[str, type[Head]] = {PatchCore.name: PatchCore, Padim.name: Padim, TinyGlass.name: TinyGlass}
+HEADS: dict[str, type[Head]] = {
+    PatchCore.name: PatchCore,
+    Padim.name: Padim,
+    TinyGlass.name: TinyGlass,
+    Student.name: Student,
+    ReconstructionError.name: ReconstructionError,
+    SimClr.name: SimClr,
+}
 
 
 def list_models() -> list[str]:
@@ -63,6 +73,7 @@ __all__ = [
     "Padim",
     "PatchCore",
     "TinyGlass",
+    "Student",
     "Pipeline",
     "create_head",
     "create_pipeline",

@@ -51,6 +51,14 @@ class Head(nn.Module):
     def attach(self, in_channels: int) -> None:
         """Called once the backbone is known; heads with learned layers build them here."""
 
+    def build_extractor(self, backbone: nn.Module, image_size: int) -> nn.Module:
+        """The module in the pipeline's backbone slot: the frozen backbone itself for most heads.
+
+        A head whose own networks see the image (the student model's student and autoencoder) wraps the
+        backbone here, so the pipeline still has one module that turns images into one 4D tensor.
+        """
+        return backbone
+
     def image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor | None:
         """Method-specific image scores [N], or None to use the max of the anomaly map."""
         return None
@@ -99,6 +107,7 @@ class Pipeline(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: Head, image_size: int, blur_sigma: float = 4.0) -> None:
         super().__init__()
+        backbone = head.build_extractor(backbone, image_size)
         self.backbone = backbone
         self.head = head
         head.attach(backbone.out_channels)
