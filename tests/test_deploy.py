@@ -179,7 +179,7 @@ def _bias_changes(onnx_path: Path, ir_path: Path, scope: str) -> list[float]:
 def test_float_scopes_keep_all_but_the_deepest_backbone_stage(tinyglass_run: Path, tmp_path: Path):
     exported = export_onnx(tinyglass_run, tmp_path / "model.onnx").path
     stages = sorted(
-        {int(m.group(1)) for n in onnx.load(str(exported)).graph.node if (m := STAGE_NAME.search(n.name))}
+        {int(m.group(2)) for n in onnx.load(str(exported)).graph.node if (m := STAGE_NAME.search(n.name))}
     )
     scopes = float_scopes(exported)
     assert {"/head/", "/postprocess/"} <= set(scopes)
@@ -200,7 +200,7 @@ def test_without_validation_images_only_the_deepest_stage_runs_in_int8(tinyglass
     # e.g. `--calibration-dir` on a machine without the run's dataset: no label-free check, the safe scope
     exported = export_onnx(tinyglass_run, tmp_path / "model.onnx").path
     calibration = train_images(load_inferencer(tinyglass_run).config, 4)
-    deepest = STAGE_NAME.search(int8_scope(exported)).group(1)
+    deepest = STAGE_NAME.search(int8_scope(exported)).group(2)
     expected = f"backbone stages {list(range(int(deepest)))} in float"
     onnx_file = quantize_onnxruntime(exported, tmp_path / "q.onnx", calibration)
     ir_file = quantize_openvino(exported, tmp_path / "q.xml", calibration)
