@@ -99,6 +99,13 @@ def test_student_learns_synthetic_defects_and_round_trips(synthetic_dataset: Pat
     np.testing.assert_allclose(loaded.predict(images)[1].numpy(), pipeline.predict(images)[1].numpy(), rtol=1e-5)
     result = export_onnx(run, tmp_path / "student.onnx")  # checks parity with torch itself
     assert result.max_abs_diff_score < 1e-3
+    # INT8 takes the teacher's stages and the trained networks; the head and postprocess stay in float
+    from edgead.deploy.quantize import HEAD_SCOPES, _runs_in_float, _stages
+
+    assert _stages(result.path) == ("/backbone/teacher/stages.", 3)
+    assert not _runs_in_float("/backbone/student/layers/layers.0/Conv", HEAD_SCOPES)
+    assert not _runs_in_float("/backbone/autoencoder/decoder/decoder.1/Conv", HEAD_SCOPES)
+    assert _runs_in_float("/head/Sub", HEAD_SCOPES)
 
 
 @pytest.mark.parametrize("autoencoder", [True, False])
