@@ -67,8 +67,8 @@ def penalty_images(size: int, seed: int) -> torch.Tensor:
 
 
 def hard_feature_loss(distance: torch.Tensor, quantile: float) -> torch.Tensor:
-    """Mean of the squared differences at or above their ``quantile`` (as torch.quantile places it; kthvalue
-    because torch.quantile refuses tensors over 16M values)."""
+    """Mean of the squared differences from their ``quantile``'s position (rounded up) on: the values at or
+    above EfficientAD's torch.quantile threshold; kthvalue, because torch.quantile refuses over 16M values."""
     flat = distance.flatten()
     threshold = torch.kthvalue(flat, int(np.ceil(quantile * (flat.numel() - 1))) + 1).values
     return flat[flat >= threshold].mean()
