@@ -115,6 +115,8 @@ def test_sensor_net_folds_the_head_exactly(autoencoder: bool):
     from edgead.deploy.imx500_worker import build_sensor_net
 
     pipeline = unfitted_student(image_size=64, autoencoder=autoencoder)
+    pipeline.mean.fill_(0.3)  # the student and autoencoder must see the normalised image, as in the pipeline
+    pipeline.std.fill_(0.2)
     c = pipeline.head.channels
     generator = torch.Generator().manual_seed(0)
     pipeline.head.set_fitted(

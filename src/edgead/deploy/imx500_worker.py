@@ -250,11 +250,12 @@ def build_student_sensor_net(pipeline):
             self.combine = combine
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
-            hidden = self.student(images)
+            x = (images - self.features.input_mean) / self.features.input_std  # what student and autoencoder see
+            hidden = self.student(x)
             difference = self.features(images) - self.to_teacher(hidden)
             squares = difference * difference
             if self.to_autoencoder is not None:
-                difference_ae = self.autoencoder(images) - self.to_autoencoder(hidden)
+                difference_ae = self.autoencoder(x) - self.to_autoencoder(hidden)
                 squares = torch.cat([squares, difference_ae * difference_ae], dim=1)
             return self.combine(squares)
 
