@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from edgead.models.base import Pipeline, TrainableHead
-from edgead.models.student.model import conv
+from edgead.models.student.model import (
+    BACKBONE_DESCRIPTION,
+    conv,
+    describe_as,
+    image_encoder,
+    upsampling_steps,
+)
 from edgead.validation import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, hyperparameters
 
 SSIM_WINDOW = 7
@@ -32,21 +38,10 @@ class ConvAutoencoder(nn.Module):
     def __init__(self, side: int, code: int = 128, width: int = 32) -> None:
         super().__init__()
         w = width
-        self.encoder = nn.Sequential(
-            conv(3, w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(w, w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(w, 2 * w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(2 * w, 2 * w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(2 * w, 4 * w, 4, stride=2), nn.ReLU(inplace=True),
-            nn.Conv2d(4 * w, code, side // 32),
-        )  # fmt: skip
-        steps: list[nn.Module] = []
-        channels = code
-        for size, out in zip((side // 32, side // 16, side // 8, side // 4, side // 2, side), (4, 2, 2, 1, 1, 1), strict=True):
-            steps += [nn.Upsample(size=(size, size), mode="bilinear"), conv(channels, out * w, 3), nn.ReLU(inplace=True)]
-            channels = out * w
-        steps.append(conv(channels, 3, 3))
-        self.decoder = nn.Sequential(*steps)
+        self.encoder = image_encoder((w, w, 2 * w, 2 * w, 4 * w), code, side)
+        sizes = (side // 32, side // 16, side // 8, side // 4, side // 2, side)
+        steps = upsampling_steps(code, sizes, (4 * w, 2 * w, 2 * w, w, w, w))
+        self.decoder = nn.Sequential(*steps, conv(w, 3, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(images))
@@ -70,8 +65,7 @@ class Reconstruction(nn.Module):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.autoencoder = ConvAutoencoder(image_size // 2, code=code, width=width)
-        for name in ("name", "layers", "mean", "std", "aggregation_border"):
-            setattr(self, name, getattr(backbone, name))
+        describe_as(self, backbone, BACKBONE_DESCRIPTION)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = self.down(x)

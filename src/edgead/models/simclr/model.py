@@ -21,7 +21,7 @@ from torch import nn
 
 from edgead.models.base import Pipeline, TrainableHead
 from edgead.models.patchcore import PatchCore
-from edgead.models.student.model import STUDENT_STRIDE, PatchDescriptionNet
+from edgead.models.student.model import BACKBONE_DESCRIPTION, STUDENT_STRIDE, PatchDescriptionNet, describe_as
 from edgead.validation import PositiveFloat, PositiveInt, Ratio, Seed, hyperparameters
 
 
@@ -36,8 +36,7 @@ class ContrastiveEncoder(nn.Module):
             torch.manual_seed(seed)
             self.encoder = PatchDescriptionNet(dim, width=width)
         self.out_channels = dim
-        for name in ("name", "layers", "mean", "std", "aggregation_border"):
-            setattr(self, name, getattr(backbone, name))
+        describe_as(self, backbone, BACKBONE_DESCRIPTION)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)

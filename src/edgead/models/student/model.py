@@ -40,6 +40,35 @@ def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> n
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=(kernel - 1) // 2)
 
 
+def image_encoder(channels: tuple[int, ...], code: int, side: int) -> nn.Sequential:
+    """4x4/2 convolutions + ReLU through ``channels``, then one convolution as large as what is left of
+    ``side``, which folds the whole image into a ``code``-dim vector (1 x 1)."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip((3, *channels[:-1]), channels, strict=True):
+        layers += [conv(c_in, c_out, 4, stride=2), nn.ReLU(inplace=True)]
+    layers.append(nn.Conv2d(channels[-1], code, side // 2 ** len(channels)))
+    return nn.Sequential(*layers)
+
+
+def upsampling_steps(in_channels: int, sizes: tuple[int, ...], channels: tuple[int, ...]) -> list[nn.Module]:
+    """For each size: a bilinear resize to it (a static Resize op), a 3x3 convolution, a ReLU."""
+    steps: list[nn.Module] = []
+    for size, c_out in zip(sizes, channels, strict=True):
+        steps += [nn.Upsample(size=(size, size), mode="bilinear"), conv(in_channels, c_out, 3), nn.ReLU(inplace=True)]
+        in_channels = c_out
+    return steps
+
+
+def describe_as(module: nn.Module, backbone: nn.Module, names: tuple[str, ...]) -> None:
+    """Give a backbone-slot module the attributes edgead reads from a backbone (name, layers, input
+    normalisation, ...), taken from the backbone the pipeline was built with."""
+    for name in names:
+        setattr(module, name, getattr(backbone, name))
+
+
+BACKBONE_DESCRIPTION = ("name", "layers", "mean", "std", "aggregation_border")
+
+
 class PatchDescriptionNet(nn.Module):
     """EfficientAD's student in spirit: a few plain convolutions with a ~50 px receptive field.
 
@@ -76,20 +105,10 @@ class FeatureAutoencoder(nn.Module):
         super().__init__()
         w = width
         grid = image_size // STUDENT_STRIDE
-        self.encoder = nn.Sequential(
-            conv(3, w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(w, w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(w, 2 * w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(2 * w, 2 * w, 4, stride=2), nn.ReLU(inplace=True),
-            conv(2 * w, 2 * w, 4, stride=2), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * w, code, image_size // 32),
-        )  # fmt: skip
-        steps: list[nn.Module] = []
-        channels = code
-        for size in (max(1, grid // 8), max(1, grid // 4), max(1, grid // 2), grid):
-            steps += [nn.Upsample(size=(size, size), mode="bilinear"), conv(channels, 2 * w, 3), nn.ReLU(inplace=True)]
-            channels = 2 * w
-        steps += [conv(channels, 2 * w, 3), nn.ReLU(inplace=True), conv(2 * w, out_channels, 3)]
+        self.encoder = image_encoder((w, w, 2 * w, 2 * w, 2 * w), code, image_size)
+        sizes = (max(1, grid // 8), max(1, grid // 4), max(1, grid // 2), grid)
+        steps = upsampling_steps(code, sizes, (2 * w,) * 4)
+        steps += [conv(2 * w, 2 * w, 3), nn.ReLU(inplace=True), conv(2 * w, out_channels, 3)]
         self.decoder = nn.Sequential(*steps)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -120,8 +139,7 @@ class TeacherStudent(nn.Module):
             torch.manual_seed(seed)
             self.student = PatchDescriptionNet(2 * channels if autoencoder else channels, width=width)
             self.autoencoder = FeatureAutoencoder(channels, image_size) if autoencoder else None
-        for name in ("name", "layers", "stride", "mean", "std", "aggregation_border", "layer_strides"):
-            setattr(self, name, getattr(teacher, name))
+        describe_as(self, teacher, (*BACKBONE_DESCRIPTION, "stride", "layer_strides"))
         self.out_channels = channels * (4 if autoencoder else 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
