@@ -343,6 +343,9 @@ def test_ctrl_c_says_interrupted(synthetic_dataset: Path, tmp_path: Path):
         [sys.executable, "-m", "edgead", "fit", str(synthetic_dataset), "--model", "tinyglass",
          "--out", str(tmp_path / "run")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell that starts the suite in the background (`pytest &`) ignores SIGINT, its children inherit
+        # that and Python then installs no Ctrl-C handler: give the command a terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
     )  # fmt: skip
     time.sleep(8)  # past start-up, into the fit
     process.send_signal(signal.SIGINT)
