@@ -349,6 +349,14 @@ def export(
     float_input: Annotated[
         bool, typer.Option("--float-input", help="Graph input float 0..1 instead of uint8 0..255.")
     ] = False,
+    qat: Annotated[
+        bool,
+        typer.Option(
+            "--qat",
+            help="Quantization-aware training first: fine-tune the run (student, autoencoder, tinyglass) with "
+            "fake INT8 quantization into OUT/qat_run and export that.",
+        ),
+    ] = False,
 ) -> None:
     """Export a run to one static graph (ONNX opset 17, OpenVINO IR, or IMX500 packerOut.zip)."""
     from edgead.deploy.export import export_run
@@ -361,6 +369,7 @@ def export(
         calibration=calibration,
         calibration_dir=calibration_dir,
         input_dtype="float32" if float_input else "uint8",
+        qat=qat,
     )
     if "parity_max_abs_diff_map" in report:
         typer.echo(

@@ -39,8 +39,12 @@ def export_run(
     calibration_dir: str | Path | None = None,
     input_dtype: str = "uint8",
     progress: bool = True,
+    qat: bool = False,
 ) -> dict[str, Any]:
-    """Export ``run_dir`` to ``out_dir`` (default RUN/export); returns the files written and checks."""
+    """Export ``run_dir`` to ``out_dir`` (default RUN/export); returns the files written and checks.
+
+    ``qat``: fine-tune the run with fake quantization first (:mod:`edgead.deploy.qat`, saved as
+    ``out_dir/qat_run``) and export that; the INT8 file is then post-training quantized from QAT weights."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
     if not 1 <= calibration <= 10000:
@@ -48,13 +52,27 @@ def export_run(
     if calibration_dir is not None and not Path(calibration_dir).is_dir():
         raise EdgeadError(f"--calibration-dir {calibration_dir} is not a folder of images")
     run_dir = Path(run_dir)
-    read_config(run_dir)  # a missing or invalid run folder fails before anything is written
+    config = read_config(run_dir)  # a missing or invalid run folder fails before anything is written
+    if qat:
+        from edgead.deploy.qat import check_qat_model
+
+        if fmt == "edge":
+            raise UsageError("--qat prepares a model for INT8 (onnx, openvino, imx500), not the edge backbone")
+        if fmt != "imx500" and not int8:
+            raise UsageError("--qat fine-tunes the model for its INT8 file: add --int8")
+        check_qat_model(config.model)
     if fmt == "edge":  # the backbone alone, for an edge device of a split deployment (RUN/edge)
         from edgead.edge.backbone import export_edge
 
         path = export_edge(run_dir, check_work_dir(out_dir, "--out") if out_dir is not None else None)
         return {"files": {"edge": path}, "sizes_mb": {"edge": file_megabytes(path)}}
     out_dir = check_work_dir(out_dir if out_dir is not None else run_dir / "export", "--out")
+    qat_report: dict[str, Any] = {}
+    if qat:
+        from edgead.deploy.qat import quantization_aware_run
+
+        run_dir = quantization_aware_run(run_dir, out_dir, progress=progress)
+        qat_report = {"qat_run": run_dir, "qat_schedule": read_config(run_dir).extra["qat"]}
     if fmt == "imx500":
         from edgead.deploy.imx500 import export_imx500
 
@@ -67,6 +85,7 @@ def export_run(
             f"{memory['memory_usage']} of {memory['memory_available']} ({memory['utilization']})",
             "fits_imx500": summary["fits"],
             "summary": out_dir / "imx500_summary.json",
+            **qat_report,
         }
     onnx_path = out_dir / "model.onnx"
     result = export_onnx(run_dir, onnx_path, input_dtype=input_dtype)
@@ -75,6 +94,7 @@ def export_run(
         "parity_max_abs_diff_map": result.max_abs_diff_map,
         "parity_max_abs_diff_score": result.max_abs_diff_score,
         "parity_images": result.parity_images,
+        **qat_report,
     }
     images = validation = None
     if int8:

@@ -56,7 +56,7 @@ def training_step(
     log the loss every 50 steps and at the last one (``history``, kept on the head as ``history_``)."""
     if not torch.isfinite(loss):
         raise NonFiniteError(
-            f"{what} training diverged (loss {float(loss)} at step {step + 1}): nothing saved; "
+            f"{what} training diverged (loss {float(loss.detach())} at step {step + 1}): nothing saved; "
             "try a lower lr (-p lr=...)"
         )
     optimiser.zero_grad()
