@@ -23,8 +23,7 @@ import torch  # noqa: F401  (torch before faiss: one OpenMP runtime)
 from edgead.deploy.export import export_run
 from edgead.deploy.runtimes import load_inferencer
 from edgead.evaluation import evaluate_run
-from edgead.outputs import atomic_write_text
-from edgead.reporting import markdown_table, results_header
+from edgead.reporting import results_header, write_rows_page
 from edgead.runs import read_config
 
 COLUMNS = [
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         rows.append(measure(run, args.work_dir / run.name))
         print(json.dumps(rows[-1]), flush=True)
-        atomic_write_text(args.out, "\n".join([*header, markdown_table(rows, COLUMNS), ""]))
-        atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+        write_rows_page(args.out, header, rows, COLUMNS)
     return 0
 
 

@@ -24,9 +24,8 @@ import torch  # noqa: F401  (torch before faiss: one OpenMP runtime)
 
 from edgead.benchmark import expand_datasets, fit_or_reuse
 from edgead.evaluation import evaluate_run
-from edgead.outputs import atomic_write_text
 from edgead.profiling import model_profile
-from edgead.reporting import markdown_table, results_header
+from edgead.reporting import results_header, write_rows_page
 
 COLUMNS = ["variant", "dataset", "teacher", "image_auroc", "pixel_auroc", "aupro", "params_m", "gmacs", "fit_s", "settings"]
 
@@ -76,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fit_s": config.extra["fit_seconds"], "settings": json.dumps(settings) if settings else "",
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-            atomic_write_text(args.out, "\n".join([*header, markdown_table(rows, COLUMNS), ""]))
-            atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+            write_rows_page(args.out, header, rows, COLUMNS)
     return 0
 
 

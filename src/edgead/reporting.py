@@ -329,6 +329,15 @@ def results_header(title: str, command: str | None = None) -> list[str]:
     ]
 
 
+def write_rows_page(out: str | Path, header: Sequence[str], rows: list[dict], columns: list[str]) -> None:
+    """A one-table docs/results page and its rows as JSON beside it, both written atomically (after every
+    row, so a long measurement that stops keeps what it measured)."""
+    from edgead.outputs import atomic_write_text
+
+    atomic_write_text(out, "\n".join([*header, markdown_table(rows, columns), ""]))
+    atomic_write_text(Path(out).with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+
+
 def results_page(
     title: str,
     command: str | None,
