@@ -225,6 +225,23 @@ def read_config(run_dir: str | Path) -> RunConfig:
     return RunConfig.from_json(data, config_path)
 
 
+def fitted_split(config: RunConfig) -> tuple[list, list] | None:
+    """The run's training and normal validation samples, split as its fit split them; None where the run's
+    dataset is not on this machine, the run records no split, or the folder changed since the fit."""
+    from edgead.data.datasets import open_dataset, split_validation
+
+    extra = config.extra
+    dataset = extra.get("dataset")
+    if not dataset or not Path(dataset).is_dir() or "validation_fraction" not in extra:
+        return None
+    train, validation = split_validation(
+        open_dataset(dataset).train, fraction=extra["validation_fraction"], seed=extra.get("seed", 0)
+    )
+    if len(validation) != extra.get("n_validation", len(validation)):
+        return None  # the folder changed since the fit: not the same images
+    return train, validation
+
+
 def load_run(run_dir: str | Path, expect_model: str | None = None) -> tuple[Pipeline, RunConfig]:
     """Rebuild a fitted pipeline from its run folder, checking every tensor name and shape."""
     run_dir = Path(run_dir)

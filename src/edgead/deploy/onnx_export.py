@@ -122,18 +122,13 @@ def train_images(config: RunConfig, count: int, folder: str | Path | None = None
 def validation_images(config: RunConfig) -> np.ndarray | None:
     """The run's held-out normal validation images (uint8 NHWC), the ones its threshold came from;
     None where the run's dataset is not on this machine or the run records no split."""
-    from edgead.data.datasets import open_dataset, split_validation
     from edgead.data.images import load_rgb, resize_image
+    from edgead.runs import fitted_split
 
-    extra = config.extra
-    dataset = extra.get("dataset")
-    if not dataset or not Path(dataset).is_dir() or "validation_fraction" not in extra:
+    split = fitted_split(config)
+    if split is None:
         return None
-    train = open_dataset(dataset).train
-    _, validation = split_validation(train, fraction=extra["validation_fraction"], seed=extra.get("seed", 0))
-    if len(validation) != extra.get("n_validation", len(validation)):
-        return None  # the folder changed since the fit: not the same images
-    return np.stack([resize_image(load_rgb(s.path), config.image_size) for s in validation])
+    return np.stack([resize_image(load_rgb(s.path), config.image_size) for s in split[1]])
 
 
 def parity_images(config: RunConfig, count: int) -> np.ndarray:

@@ -34,12 +34,13 @@ from torch.nn.utils import parametrize
 from edgead.errors import DatasetError, UsageError
 from edgead.models.base import Pipeline
 
-# Per model: the head's hyperparameters for the fine-tune, as functions of the run's own values.
+# Per model: the head's hyperparameters for the fine-tune; a recipe with one ``lr`` also runs at a tenth of it.
 QAT_SCHEDULES: dict[str, dict[str, Any]] = {
-    "student": {"steps": lambda h: 300, "lr": lambda h: h["lr"] / 10},
-    "autoencoder": {"steps": lambda h: 200, "lr": lambda h: h["lr"] / 10},
-    "tinyglass": {"epochs": lambda h: 5},
+    "student": {"steps": 300},
+    "autoencoder": {"steps": 200},
+    "tinyglass": {"epochs": 5},
 }
+QAT_LR_FACTOR = 0.1
 QAT_RUN = "qat_run"
 CALIBRATION_IMAGES = 64  # normal training images whose conv inputs fix the activation ranges
 
@@ -142,30 +143,27 @@ def quantization_aware_run(
     """Fine-tune the run in ``run_dir`` with fake quantization; save it as ``out_dir/qat_run``; return that.
 
     ``schedule``: head hyperparameters for the fine-tune instead of :data:`QAT_SCHEDULES` (e.g. shorter, in tests)."""
-    from edgead.data.datasets import open_dataset, split_validation
     from edgead.inference import predict_samples
     from edgead.models.image_training import load_images
     from edgead.outputs import check_output_dir
-    from edgead.runs import CONFIG_FILE, load_run, save_run
+    from edgead.runs import CONFIG_FILE, fitted_split, load_run, save_run
     from edgead.training import calibrate
 
     pipeline, config = load_run(run_dir)
     check_qat_model(config.model)
     target = check_output_dir(Path(out_dir) / QAT_RUN, CONFIG_FILE, force=True, kind="run")
-    dataset = config.extra.get("dataset")
-    if not dataset or not Path(dataset).is_dir() or "validation_fraction" not in config.extra:
+    split = fitted_split(config)
+    if split is None:
         raise DatasetError(
-            f"--qat trains on the run's dataset ({dataset}), which is not on this machine: fit and export "
-            "where the training images are"
+            f"--qat trains on the run's training images, which are not on this machine as they were at the fit "
+            f"({config.extra.get('dataset')}): fit and export where the training images are"
         )
-    train, validation = split_validation(
-        open_dataset(dataset).train, fraction=config.extra["validation_fraction"], seed=config.extra.get("seed", 0)
-    )
-    if len(validation) != config.extra.get("n_validation", len(validation)):
-        raise DatasetError(f"{dataset} changed since the fit (another validation split): refit before --qat")
+    train, validation = split
     head = pipeline.head
     if schedule is None:
-        schedule = {name: rule(config.head) for name, rule in QAT_SCHEDULES[config.model].items()}
+        schedule = dict(QAT_SCHEDULES[config.model])
+        if "lr" in config.head:
+            schedule["lr"] = config.head["lr"] * QAT_LR_FACTOR
     step = max(1, len(train) // CALIBRATION_IMAGES)
     calibration = load_images(train[::step][:CALIBRATION_IMAGES], pipeline.image_size)
     torch.manual_seed(config.extra.get("seed", 0))
