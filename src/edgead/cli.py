@@ -93,7 +93,7 @@ def fit(
         typer.Argument(help="MVTec-layout category (train/good, ...) or plain folder (good/, <defect>/)."),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder to write.")] = "runs/latest",
-    model: Annotated[str, typer.Option(help="Method: patchcore, padim, tinyglass, student or autoencoder.")] = "patchcore",
+    model: Annotated[str, typer.Option(help="Method: patchcore, padim, tinyglass, student, autoencoder, simclr or differnet.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Backbone name, see `edgead list`.")] = "efficientnet_lite0",
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 256,
     layers: Annotated[

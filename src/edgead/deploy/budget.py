@@ -208,7 +208,8 @@ def budget_report(pipeline: Pipeline, device: str, image_size: int | None = None
     profile = model_profile(pipeline, image_size=image_size)
     activations = peak_activations(pipeline, image_size=image_size)
     head_in_int8 = bool(profile_.get("head_in_int8", {}).get("value", True))
-    head_weight_bytes = INT8_BYTES if head_in_int8 else FLOAT_BYTES
+    # The INT8 file stores a head's weights in int8 where the head asks for it (DifferNet's flow)
+    head_weight_bytes = INT8_BYTES if head_in_int8 or pipeline.head.int8_head_weights else FLOAT_BYTES
     weight_bytes = profile["backbone_params"] * INT8_BYTES + profile["head_params"] * head_weight_bytes
     # The head's data at the bytes the exported file stores it in (float) unless the device's exporter
     # quantizes it: counting it at 1 byte would promise a 42 MB PaDiM file fits in 10 MB.
@@ -242,6 +243,7 @@ def budget_report(pipeline: Pipeline, device: str, image_size: int | None = None
         "latency_ms_lower_bound": macs / peak_rate * 1e3,
         "energy_mj_estimate": macs / (efficiency * 1e9) * 1e3,
         "head_in_int8": head_in_int8,
+        "head_weights_in_int8": head_weight_bytes == INT8_BYTES,
         "assumptions": [
             "INT8: 1 byte per backbone weight and per activation value"
             + (
@@ -291,7 +293,8 @@ def format_budget(report: dict[str, Any]) -> str:
         f"params        {report['params'] / 1e6:.3f} M  (backbone {report['backbone_params'] / 1e6:.3f} M, "
         f"head {report['head_params'] / 1e6:.3f} M)",
         f"MACs          {report['macs'] / 1e9:.3f} G per image",
-        f"weights       {size(report['weight_bytes'])} ({precision}: backbone int8, head {head})",
+        f"weights       {size(report['weight_bytes'])} ({precision}: backbone int8, head "
+        f"{'int8' if report['head_weights_in_int8'] else 'float'})",
         f"data          {size(report['data_bytes'])} ({head}: memory bank / Gaussians / statistics, as the "
         "exported file holds them)",
         f"activations   {size(report['activation_bytes'])} peak (int8, estimate; at "

@@ -36,7 +36,7 @@ from torch import nn
 
 from edgead import __version__
 from edgead.errors import EdgeadError, NonFiniteError
-from edgead.models import Pipeline
+from edgead.models import HEADS, Pipeline
 from edgead.models.patchcore import exact_search
 from edgead.outputs import atomic_file, atomic_write_bytes
 from edgead.runs import RunConfig, load_run
@@ -47,6 +47,9 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 CONFIG_KEY = "edgead_config"
 GRAPH_HASH_KEY = "graph_sha256"
+# Set for heads whose convolutions hold most of the model (DifferNet's flow): INT8 files store their weights
+# in int8 too (weights only; see edgead.deploy.quantize.quantize_head_weights).
+HEAD_WEIGHTS_KEY = "int8_head_weights"
 IR_METADATA_KEY = "edgead_metadata"  # where an OpenVINO IR keeps the same metadata (rt_info, as JSON)
 
 
@@ -89,6 +92,7 @@ def metadata_for(config: RunConfig, input_dtype: str, run_dir: Path) -> dict[str
         "normalisation": "normalized = (score - score_min) / (score_max - score_min), 0.5 at the threshold",
         CONFIG_KEY: json.dumps(config.to_json()),
         **({"source_model_sha256": config.model_sha256} if config.model_sha256 else {}),
+        **({HEAD_WEIGHTS_KEY: "true"} if HEADS[config.model].int8_head_weights else {}),
     }
 
 
@@ -474,6 +478,7 @@ class ExportMetadata(BaseModel):
     threshold_source: str | None = None
     int8_score_error: FloatText | None = None
     int8_rank_correlation: FloatText | None = None
+    int8_head_weights: Literal["true"] | None = None
 
 
 def check_metadata(metadata: dict[str, str], source: Path) -> RunConfig:

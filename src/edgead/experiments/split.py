@@ -49,7 +49,14 @@ from edgead.edge.client import (
     prepare_codec,
     send_frame,
 )
-from edgead.edge.codecs import CODECS, DEFAULT_QUALITY, DEFAULT_RATIO, FEATURE_CODECS, IMAGE_CODECS
+from edgead.edge.codecs import (
+    CODECS,
+    DEFAULT_QUALITY,
+    DEFAULT_RATIO,
+    FEATURE_CODECS,
+    IMAGE_CODECS,
+    WEBP_METHOD,
+)
 from edgead.errors import DatasetError, EdgeadError, UsageError, WeightsError
 from edgead.metrics import image_auroc, pixel_auroc, pixel_f1_max
 from edgead.models import create_head
@@ -273,7 +280,8 @@ def prepare_runs(label: str, dataset: Path, settings: SplitSettings, runs_dir: P
         runs[name] = run_dir
     if "webp" in settings.modes and settings.webp_fit:
         backbone = settings.server_backbone or settings.backbone
-        webp_label = f"{MODEL}_{backbone}_{settings.image_size}_{label.replace('/', '_')}_webp{settings.quality}"
+        webp_label = (f"{MODEL}_{backbone}_{settings.image_size}_{label.replace('/', '_')}"
+                      f"_webp{settings.quality}m{WEBP_METHOD}")
         train = webp_training_set(dataset, runs_dir / f"{webp_label}_data", settings.image_size, settings.quality)
         fit_or_reuse(runs_dir / webp_label, train, settings.reuse_runs, model=MODEL, backbone=backbone,
                      image_size=settings.image_size, seed=settings.seed, progress=progress,
@@ -547,7 +555,7 @@ def report_notes(settings: SplitSettings, title: str, command: str | None, serve
         "the test images of that per-frame value (so total_ms is not the sum of the medians); payload_bytes too.",
         f"- edge_ms: resize to {s.image_size} px (+ the backbone, ONNX Runtime fp32 edge part, in feature modes) "
         "+ encode. server_ms: the server's own measured decode + backbone + head (no HTTP, no map encoding).",
-        f"- Codecs: webp and rs+webp at quality {s.quality}; rs modes send a seeded share {s.ratio:g} of the "
+        f"- Codecs: webp and rs+webp at quality {s.quality} (libwebp method {WEBP_METHOD}); rs modes send a seeded share {s.ratio:g} of the "
         f"feature positions (seed {s.seed}) and the server fills the others from the nearest sent one; pq uses "
         "the run's codebook (`fit --pq-codebook` defaults: sub-vectors of about 8 dimensions, 8 bits each). "
         "Payload format and codecs: docs/edge_payload.md.",

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from edgead.errors import EdgeadError, UsageError
 from edgead.models.autoencoder import ReconstructionError
 from edgead.models.base import Head, Pipeline
+from edgead.models.differnet import DifferNet
 from edgead.models.glass import TinyGlass
 from edgead.models.padim import Padim
 from edgead.models.patchcore import PatchCore
@@ -23,6 +24,7 @@ HEADS: dict[str, type[Head]] = {
     Student.name: Student,
     ReconstructionError.name: ReconstructionError,
     SimClr.name: SimClr,
+    DifferNet.name: DifferNet,
 }
 
 
@@ -59,7 +61,7 @@ def create_pipeline(
     head = create_head(model, **hyperparameters)
     extractor = create_backbone(
         backbone,
-        layers=layers,
+        layers=layers if layers is not None else head.default_layers(backbone),
         pretrained=pretrained,
         weights_path=weights_path,
         aggregation_border=aggregation_border or DEFAULT_AGGREGATION_BORDER,
@@ -69,6 +71,7 @@ def create_pipeline(
 
 __all__ = [
     "HEADS",
+    "DifferNet",
     "Head",
     "Padim",
     "PatchCore",

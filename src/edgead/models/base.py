@@ -22,6 +22,8 @@ class Head(nn.Module):
 
     name: ClassVar[str] = "head"
     fitted_buffers: ClassVar[tuple[str, ...]] = ()
+    # INT8 exports keep the head in float; True also stores its convolution weights in int8 (weights only)
+    int8_head_weights: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,6 +49,10 @@ class Head(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Patch scores [N, 1, h, w]: higher means more anomalous."""
         raise NotImplementedError
+
+    def default_layers(self, backbone: str) -> tuple[int, ...] | None:
+        """The backbone stages this method uses when none are given; None = the backbone's default."""
+        return None
 
     def attach(self, in_channels: int) -> None:
         """Called once the backbone is known; heads with learned layers build them here."""
@@ -140,4 +146,6 @@ class Pipeline(nn.Module):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps [N, 1, S, S] and image scores [N] for a batch of images in 0..1."""
         self.eval()
+        if hasattr(self.head, "predict_images"):  # heads that score the image itself (test-time transforms)
+            return self.head.predict_images(self, images)
         return self.score_features(self.features(images))
