@@ -47,7 +47,7 @@ IMAGE_CODECS = ("image", "webp")
 FEATURE_CODECS = ("features", "rs", "pq", "rs+pq", "rs+webp")
 DEFAULT_QUALITY = 80
 # libwebp's slowest, best rate-distortion search: about 5 ms more per 256 px image on the edge, 5% fewer
-# bytes, and fine threads (screw) survive better at the same quality (docs/results/edge_server.md).
+# bytes, and fine threads (screw) survive better at the same quality (docs/results/edge_server_webp_method.md).
 WEBP_METHOD = 6
 DEFAULT_RATIO = 0.25
 MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096: far above any inspection frame, far below a bomb
@@ -163,15 +163,18 @@ class WebpCodec(Codec):
 
     name, takes = "webp", "image"
 
-    def __init__(self, image_size: int, quality: int = DEFAULT_QUALITY, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self, image_size: int, quality: int = DEFAULT_QUALITY, max_pixels: int = MAX_IMAGE_PIXELS,
+        method: int = WEBP_METHOD,
+    ) -> None:  # fmt: skip
         if not 0 <= quality <= 100:
             raise UsageError(f"WebP quality must be 0..100, got {quality}")
-        self.image_size, self.quality, self.max_pixels = image_size, quality, max_pixels
+        self.image_size, self.quality, self.max_pixels, self.method = image_size, quality, max_pixels, method
 
     def encode(self, image: np.ndarray) -> bytes:
         rgb = resize_image(np.asarray(image, dtype=np.uint8), self.image_size)
         buffer = io.BytesIO()
-        Image.fromarray(rgb).save(buffer, "WEBP", quality=self.quality, method=WEBP_METHOD)
+        Image.fromarray(rgb).save(buffer, "WEBP", quality=self.quality, method=self.method)
         return buffer.getvalue()
 
     def decode(self, data: bytes) -> torch.Tensor:

@@ -65,6 +65,11 @@ class Head(nn.Module):
         """
         return backbone
 
+    def predict_images(self, pipeline: Pipeline, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Maps and scores from the images themselves (DifferNet: test-time rotations, gradient maps), or None
+        for the usual features -> head -> postprocess path that ``Pipeline.predict`` takes."""
+        return None
+
     def image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor | None:
         """Method-specific image scores [N], or None to use the max of the anomaly map."""
         return None
@@ -146,6 +151,5 @@ class Pipeline(nn.Module):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps [N, 1, S, S] and image scores [N] for a batch of images in 0..1."""
         self.eval()
-        if hasattr(self.head, "predict_images"):  # heads that score the image itself (test-time transforms)
-            return self.head.predict_images(self, images)
-        return self.score_features(self.features(images))
+        predicted = self.head.predict_images(self, images)
+        return predicted if predicted is not None else self.score_features(self.features(images))
