@@ -38,7 +38,7 @@ from edgead.reporting import markdown_table, results_header
 from edgead.runs import WEIGHTS_FILE, load_run
 from edgead.training import FitSettings, fit_run
 
-RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8")
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8", "litert", "litert-int8")
 RUNTIME_COLUMNS = [
     "dataset",
     "model",
@@ -135,6 +135,9 @@ def runtime_rows(
         files.update(
             {"openvino": report["files"]["openvino"], "openvino-int8": report["files"].get("openvino_int8")}
         )
+    if any(r.startswith("litert") for r in runtimes):
+        report = export_run(run_dir, "tflite", run_dir / "export", int8=int8, progress=progress)
+        files.update({"litert": report["files"]["tflite"], "litert-int8": report["files"].get("tflite_int8")})
     rows = []
     for runtime in runtimes:
         if runtime == "torch":
@@ -319,8 +322,12 @@ def earlier_rows(paths: Sequence[str | Path], datasets: set[str]) -> list[dict[s
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UsageError(f"--compare {path}: not a readable benchmark JSON file ({exc})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) and {"dataset", "model"} <= set(r) for r in data):
-            raise UsageError(f"--compare {path}: not a benchmark JSON file (a list of rows with dataset and model)")
+        if not isinstance(data, list) or not all(
+            isinstance(r, dict) and {"dataset", "model"} <= set(r) for r in data
+        ):
+            raise UsageError(
+                f"--compare {path}: not a benchmark JSON file (a list of rows with dataset and model)"
+            )
         rows += [{**r, "source": path.name} for r in data if r["dataset"] in datasets]
     return rows
 
@@ -344,7 +351,9 @@ class BenchmarkReport:
         self.earlier: list[dict[str, Any]] = []
         self.failures: list[dict[str, str]] = []
         self.header = [
-            *results_header(f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command),
+            *results_header(
+                f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command
+            ),
             f"- Images resized to {image_size}x{image_size}; masks resized with nearest neighbour. Thresholds "
             "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
             "- Latency: median ms per image at batch 1 over test images (backbone = preprocess + backbone; "
@@ -396,8 +405,9 @@ def runtime_notes(runtimes: Sequence[str]) -> list[str]:
         return []
     return [
         "- Runtimes: torch = the run folder in PyTorch eager (fp32); onnxruntime / openvino = the exported "
-        "fp32 ONNX file (uint8 input, whole pipeline in one graph); -int8 = post-training static INT8 "
-        "(ONNX Runtime QDQ u8/s8 per-channel, or OpenVINO NNCF) calibrated on 64 train/good images, conv biases "
+        "fp32 ONNX file (uint8 input, whole pipeline in one graph); litert = that graph as a .tflite file (LiteRT, "
+        "XNNPACK); -int8 = post-training static INT8 "
+        "(ONNX Runtime QDQ u8/s8 per-channel, OpenVINO NNCF, or AI Edge Quantizer s8/s8 for LiteRT) calibrated on 64 train/good images, conv biases "
         "corrected for weight rounding; the backbone from stage 1 on in INT8 where the normal validation scores "
         "stay within 10% of their spread of fp32's (else fewer stages), the head and the postprocess in float. "
         "*_change = AUROC minus the torch fp32 row's.",

@@ -3,6 +3,8 @@
 - ``onnx``: ``model.onnx`` (fp32, parity-checked), and with ``int8`` also ``model.int8.onnx``
   (ONNX Runtime QDQ);
 - ``openvino``: ``model.onnx`` plus the IR ``model.xml``, and with ``int8`` ``model.int8.xml`` (NNCF);
+- ``tflite``: ``model.tflite`` (fp32) and with ``int8`` ``model.int8.tflite`` for LiteRT, converted in their own
+  environment (see deploy/tflite.py);
 - ``imx500``: Sony MCT INT8 + imx500-converter in their own environment (see deploy/imx500.py);
 - ``edge``: the preprocess + backbone alone (``RUN/edge/features.onnx``), what an edge device runs in
   the split deployment's feature modes (see :mod:`edgead.edge`).
@@ -26,7 +28,7 @@ from edgead.errors import EdgeadError, UsageError
 from edgead.outputs import check_work_dir
 from edgead.runs import read_config
 
-FORMATS = ("onnx", "openvino", "imx500", "edge")
+FORMATS = ("onnx", "openvino", "tflite", "imx500", "edge")
 MIN_VALIDATION_IMAGES = 3  # below this, the INT8-vs-fp32 score check on validation images means nothing
 
 
@@ -51,13 +53,17 @@ def export_run(
         raise UsageError(f"--calibration must be between 1 and 10000 images, got {calibration}")
     if calibration_dir is not None and not Path(calibration_dir).is_dir():
         raise EdgeadError(f"--calibration-dir {calibration_dir} is not a folder of images")
+    if fmt == "tflite" and input_dtype != "uint8":
+        raise UsageError("--float-input is for onnx and openvino: .tflite files take the uint8 pixels")
     run_dir = Path(run_dir)
     config = read_config(run_dir)  # a missing or invalid run folder fails before anything is written
     if qat:
         from edgead.deploy.qat import check_qat_model
 
         if fmt == "edge":
-            raise UsageError("--qat prepares a model for INT8 (onnx, openvino, imx500), not the edge backbone")
+            raise UsageError(
+                "--qat prepares a model for INT8 (onnx, openvino, tflite, imx500), not the edge backbone"
+            )
         if fmt != "imx500" and not int8:
             raise UsageError("--qat fine-tunes the model for its INT8 file: add --int8")
         check_qat_model(config.model)
@@ -87,6 +93,16 @@ def export_run(
             "summary": out_dir / "imx500_summary.json",
             **qat_report,
         }
+    if fmt == "tflite":
+        from edgead.deploy.tflite import export_tflite
+
+        report = {
+            **export_tflite(run_dir, out_dir, int8, calibration, calibration_dir, progress),
+            **qat_report,
+        }
+        report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
+        add_int8_checks(report, report.pop("validation_images", None))
+        return report
     onnx_path = out_dir / "model.onnx"
     result = export_onnx(run_dir, onnx_path, input_dtype=input_dtype)
     report: dict[str, Any] = {
@@ -122,16 +138,23 @@ def export_run(
                 onnx_path, out_dir / "model.int8.xml", images, validation=validation
             )
     report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
-    if validation is not None and len(validation) < MIN_VALIDATION_IMAGES:
+    add_int8_checks(report, len(validation) if validation is not None else None)
+    return report
+
+
+def add_int8_checks(report: dict[str, Any], validation: int | None) -> None:
+    """Each INT8 file's agreement with fp32 on the normal validation images, or why it cannot be checked."""
+    if validation is None:
+        return
+    if validation < MIN_VALIDATION_IMAGES:
         report["int8_check"] = (
-            f"WARNING: the run holds only {len(validation)} normal validation image(s), too few to check the "
+            f"WARNING: the run holds only {validation} normal validation image(s), too few to check the "
             "INT8 scores against fp32; fit on more good images, then compare with `edgead test`"
         )
-    elif validation is not None:
-        for key in ("onnx_int8", "openvino_int8"):
-            if key in report["files"]:
-                report[f"{key}_vs_fp32"] = int8_agreement(report["files"][key])
-    return report
+        return
+    for key in ("onnx_int8", "openvino_int8", "tflite_int8"):
+        if key in report["files"]:
+            report[f"{key}_vs_fp32"] = int8_agreement(report["files"][key])
 
 
 def int8_agreement(path: Path) -> str:

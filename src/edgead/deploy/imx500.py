@@ -17,7 +17,6 @@ The output folder then holds ``edgead_<model>.onnx`` (MCT's quantized ONNX), ``p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edgead.deploy.toolchain import output_tail, worker_env
+from edgead.deploy.toolchain import toolchain_home as shared_home
 from edgead.errors import EdgeadError
 from edgead.runs import read_config
 
@@ -46,10 +47,7 @@ class Imx500Error(EdgeadError):
 
 def toolchain_home() -> Path:
     """Where ``scripts/setup_imx500.sh`` builds the toolchain: ``$EDGEAD_IMX500_HOME`` or the cache default."""
-    configured = os.environ.get(HOME_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "edgead" / "imx500"
+    return shared_home(HOME_ENV, "imx500")
 
 
 def toolchain_python(home: str | Path | None = None) -> Path:
@@ -73,17 +71,6 @@ def toolchain_available(home: str | Path | None = None) -> bool:
     except EdgeadError:
         return False
     return shutil.which("java") is not None
-
-
-def _worker_env(package_root: Path) -> dict[str, str]:
-    """The worker's environment: only ``package_root`` (holding ``edgead``) on PYTHONPATH, nothing of ours."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(PYTHONPATH=str(package_root), PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1")
-    return env
-
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def export_imx500(
@@ -165,7 +152,7 @@ def export_imx500(
         try:
             proc = subprocess.run(
                 command,
-                env=_worker_env(package_root),
+                env=worker_env(package_root),
                 stdout=None if progress else subprocess.PIPE,
                 stderr=None if progress else subprocess.STDOUT,
                 text=True,
@@ -177,7 +164,7 @@ def export_imx500(
     output = proc.stdout or ""
 
     if not summary_path.is_file():
-        shown = f":\n{_tail(output)}" if output else " (its output is above)"
+        shown = f":\n{output_tail(output)}" if output else " (its output is above)"
         raise Imx500Error(
             f"the IMX500 worker stopped (exit status {proc.returncode}) without writing {summary_path}; "
             f"if the toolchain is broken, delete {python.parents[1]} and run `{SETUP_COMMAND}` again{shown}"
@@ -185,7 +172,7 @@ def export_imx500(
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     if not summary.get("ok"):
         error = summary.get("error") or {}
-        detail = _tail(error.get("detail") or "", 6)
+        detail = output_tail(error.get("detail") or "", 6)
         raise Imx500Error(
             f"IMX500 export failed at stage '{error.get('stage')}': {error.get('message')}"
             + (f"\n{detail}" if detail else "")

@@ -377,17 +377,30 @@ def _export_and_check(
     with torch.no_grad(), exact_search(graph.pipeline.head):  # the graph holds PatchCore's exact kNN
         ref_map, ref_score = (t.numpy() for t in graph(torch.from_numpy(inputs)))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got_map, got_score = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
+    got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
+    return check_parity("ONNX", (ref_map, ref_score), tuple(got), tolerance)
+
+
+def check_parity(
+    name: str,
+    reference: tuple[np.ndarray, np.ndarray],
+    exported: tuple[np.ndarray, np.ndarray],
+    tolerance: float,
+) -> tuple[float, float]:
+    """Max |exported - torch| of maps and scores; raises over ``tolerance`` x the outputs' scale or on NaN.
+
+    Every exported format (``name``: ONNX, TFLite) is held to the same rule before its file is written."""
+    (ref_map, ref_score), (got_map, got_score) = reference, exported
     if not all(np.isfinite(a).all() for a in (ref_map, ref_score, got_map, got_score)):
         raise NonFiniteError(
-            "ONNX parity check failed: the model gives NaN or infinite values (broken weights?); not exported"
+            f"{name} parity check failed: the model gives NaN or infinite values (broken weights?); not exported"
         )
-    diff_map = float(np.abs(got_map - ref_map).max())
-    diff_score = float(np.abs(got_score - ref_score).max())
+    diff_map = float(np.abs(got_map - ref_map.reshape(got_map.shape)).max())
+    diff_score = float(np.abs(got_score.reshape(-1) - ref_score.reshape(-1)).max())
     scale = max(1.0, float(np.abs(ref_map).max()), float(np.abs(ref_score).max()))
     if max(diff_map, diff_score) > tolerance * scale:
         raise EdgeadError(
-            f"ONNX parity check failed: max |onnx - torch| = {max(diff_map, diff_score):.3g} "
+            f"{name} parity check failed: max |{name.lower()} - torch| = {max(diff_map, diff_score):.3g} "
             f"(> {tolerance:g} x {scale:.3g}); the file was not written"
         )
     return diff_map, diff_score
@@ -464,7 +477,7 @@ class ExportMetadata(BaseModel):
     model: str
     backbone: str
     input_size: Annotated[str, Field(pattern=r"^[0-9]{2,4}$")]
-    input_format: Literal["uint8 NCHW RGB, 0..255", "float32 NCHW RGB, 0..1"]
+    input_format: Literal["uint8 NCHW RGB, 0..255", "float32 NCHW RGB, 0..1", "uint8 NHWC RGB, 0..255"]
     threshold: FloatText
     score_min: FloatText
     score_max: FloatText

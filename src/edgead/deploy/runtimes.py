@@ -1,7 +1,8 @@
-"""Runtimes: one ``predict(images) -> (maps, scores)`` over torch, ONNX Runtime and OpenVINO.
+"""Runtimes: one ``predict(images) -> (maps, scores)`` over torch, ONNX Runtime, OpenVINO and LiteRT.
 
 `edgead predict`, `test` and `benchmark` take either a run folder (torch) or an exported file
-(``.onnx`` for ONNX Runtime or OpenVINO, ``.xml`` for an OpenVINO IR such as the NNCF INT8 model).
+(``.onnx`` for ONNX Runtime or OpenVINO, ``.xml`` for an OpenVINO IR such as the NNCF INT8 model,
+``.tflite`` for LiteRT).
 Every runtime gets float images in 0..1, NCHW, at the model's input size; an exported graph with a
 uint8 input gets them rounded back to 0..255, which is exact for images loaded from 8-bit files.
 """
@@ -25,7 +26,8 @@ from edgead.deploy.quantize import openvino_weights_sha256
 from edgead.errors import EdgeadError
 from edgead.runs import RunConfig, load_run
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "litert")
+SUFFIX_RUNTIME = {".onnx": "onnxruntime", ".xml": "openvino", ".tflite": "litert"}
 
 
 class Inferencer:
@@ -144,11 +146,25 @@ class OpenVinoInferencer(Inferencer):
         return tuple(np.array(result[self.compiled.output(name)]) for name in OUTPUT_NAMES)
 
 
+class LiteRtInferencer(Inferencer):
+    """LiteRT (TensorFlow Lite interpreter, XNNPACK on the CPU) on a .tflite file written by edgead export."""
+
+    runtime = "litert"
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        from edgead.deploy.tflite_file import LiteRtModel, tflite_config
+
+        config, metadata = tflite_config(path)
+        super().__init__(config, "uint8", metadata)
+        self.model = LiteRtModel(path, config.image_size, threads or torch.get_num_threads())
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.model.run(inputs.transpose(0, 2, 3, 1))  # the .tflite input is NHWC
+
+
 def default_runtime(path: str | Path) -> str:
     path = Path(path)
-    if path.is_dir():
-        return "torch"
-    return "openvino" if path.suffix == ".xml" else "onnxruntime"
+    return "torch" if path.is_dir() else SUFFIX_RUNTIME.get(path.suffix, "onnxruntime")
 
 
 def load_inferencer(path: str | Path, runtime: str | None = None, threads: int | None = None) -> Inferencer:
@@ -158,7 +174,9 @@ def load_inferencer(path: str | Path, runtime: str | None = None, threads: int |
     if runtime not in RUNTIMES:
         raise EdgeadError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
     if not path.exists():
-        raise EdgeadError(f"model {path} does not exist: give a run folder or an exported .onnx/.xml file")
+        raise EdgeadError(
+            f"model {path} does not exist: give a run folder or an exported .onnx/.xml/.tflite file"
+        )
     if path.is_dir():
         if runtime != "torch":
             raise EdgeadError(
@@ -168,10 +186,17 @@ def load_inferencer(path: str | Path, runtime: str | None = None, threads: int |
         if threads:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
         return TorchInferencer(path)
-    if path.suffix not in (".onnx", ".xml"):
-        raise EdgeadError(f"{path} is neither a run folder nor an exported .onnx/.xml model")
+    if path.suffix not in SUFFIX_RUNTIME:
+        raise EdgeadError(f"{path} is neither a run folder nor an exported .onnx/.xml/.tflite model")
     if runtime == "torch":
-        raise EdgeadError(f"{path} is an exported file: run it with --runtime onnxruntime or openvino")
+        raise EdgeadError(f"{path} is an exported file: run it with --runtime {SUFFIX_RUNTIME[path.suffix]}")
+    if path.suffix == ".tflite" or runtime == "litert":
+        if (path.suffix, runtime) != (".tflite", "litert"):
+            raise EdgeadError(
+                f"{path}: LiteRT runs .tflite files only, and .tflite files run on LiteRT only: "
+                f"use --runtime {SUFFIX_RUNTIME[path.suffix]}"
+            )
+        return LiteRtInferencer(path, threads)
     if runtime == "onnxruntime":
         if path.suffix == ".xml":
             raise EdgeadError(f"{path} is an OpenVINO IR: run it with --runtime openvino")
