@@ -21,7 +21,7 @@ import torch
 from edgead.deploy.onnx_export import train_images
 from edgead.deploy.runtimes import load_inferencer
 from edgead.hardware import measure_in_fresh_process
-from edgead.reporting import markdown_table, results_header
+from edgead.reporting import results_header, write_rows_page
 
 FILES = {  # name: (file in RUN/export, runtime)
     "ORT fp32": ("model.onnx", "onnxruntime"),
@@ -71,19 +71,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             f"error: missing exported files (run the benchmark with the four runtimes first): {missing[:3]}"
         )
-    rows = [time_run(run, args.rounds, args.images) for run in args.runs]
     command = "python benchmarks/litert_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [
+    header = [
         *results_header("LiteRT against ONNX Runtime, fp32 and INT8, interleaved rounds", command),
         f"- Each of {args.rounds} rounds times the four files of a run one after the other, each alone in a fresh "
         f"process (2 threads, batch 1, median over {args.images} train/good images after warm-up); ratios are "
         "taken per round, then their median (and max) over the rounds.",
         "- Target (issue 19): LiteRT INT8 within 1.5x of ONNX Runtime INT8 on the same model.",
         "",
-        markdown_table(rows, list(rows[0])),
-        "",
     ]
-    args.out.write_text("\n".join(lines))
+    rows: list[dict[str, object]] = []
+    for run in args.runs:  # the page is rewritten after every run: a stopped measurement keeps what it has
+        rows.append(time_run(run, args.rounds, args.images))
+        write_rows_page(args.out, header, rows, list(rows[0]))
     print(f"wrote {args.out}")
 
 

@@ -322,12 +322,8 @@ def earlier_rows(paths: Sequence[str | Path], datasets: set[str]) -> list[dict[s
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UsageError(f"--compare {path}: not a readable benchmark JSON file ({exc})") from None
-        if not isinstance(data, list) or not all(
-            isinstance(r, dict) and {"dataset", "model"} <= set(r) for r in data
-        ):
-            raise UsageError(
-                f"--compare {path}: not a benchmark JSON file (a list of rows with dataset and model)"
-            )
+        if not isinstance(data, list) or not all(isinstance(r, dict) and {"dataset", "model"} <= set(r) for r in data):
+            raise UsageError(f"--compare {path}: not a benchmark JSON file (a list of rows with dataset and model)")
         rows += [{**r, "source": path.name} for r in data if r["dataset"] in datasets]
     return rows
 
@@ -351,9 +347,7 @@ class BenchmarkReport:
         self.earlier: list[dict[str, Any]] = []
         self.failures: list[dict[str, str]] = []
         self.header = [
-            *results_header(
-                f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command
-            ),
+            *results_header(f"Benchmark: {', '.join(models)} with {backbone} at {image_size}x{image_size}", command),
             f"- Images resized to {image_size}x{image_size}; masks resized with nearest neighbour. Thresholds "
             "(precision/recall columns) come from normal validation images carved from train/good, never from test.",
             "- Latency: median ms per image at batch 1 over test images (backbone = preprocess + backbone; "

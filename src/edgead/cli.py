@@ -93,10 +93,7 @@ def fit(
         typer.Argument(help="MVTec-layout category (train/good, ...) or plain folder (good/, <defect>/)."),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder to write.")] = "runs/latest",
-    model: Annotated[
-        str,
-        typer.Option(help="Method: patchcore, padim, tinyglass, student, autoencoder, simclr or differnet."),
-    ] = "patchcore",
+    model: Annotated[str, typer.Option(help="Method: patchcore, padim, tinyglass, student, autoencoder, simclr or differnet.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Backbone name, see `edgead list`.")] = "efficientnet_lite0",
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 256,
     layers: Annotated[
@@ -125,9 +122,7 @@ def fit(
     ] = False,
     pq_codebook: Annotated[
         bool,
-        typer.Option(
-            "--pq-codebook", help="Also train the product-quantization codebook of `edgead edge --mode pq`."
-        ),
+        typer.Option("--pq-codebook", help="Also train the product-quantization codebook of `edgead edge --mode pq`."),
     ] = False,
 ) -> None:
     """Fit a detector on the normal (train/good) images of DATASET and save a run folder."""
@@ -163,7 +158,9 @@ def test(
     dataset: Annotated[
         Path | None, typer.Option(help="Dataset to test on (default: the one it was fitted on).")
     ] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Report folder (default: RUN/test).")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Report folder (default: RUN/test).")
+    ] = None,
     runtime: RuntimeOption = None,
 ) -> None:
     """Evaluate a run or an exported model on a test split: metrics.json, scores.csv, ROC, heat maps.
@@ -205,9 +202,7 @@ def predict(
     ] = None,
     blur_regions: Annotated[
         Path | None,
-        typer.Option(
-            help='JSON file of polygons to blur, in source pixels: {"polygons": \\[\\[\\[x, y], ...]]}.'
-        ),
+        typer.Option(help='JSON file of polygons to blur, in source pixels: {"polygons": \\[\\[\\[x, y], ...]]}.'),
     ] = None,
     output: Annotated[
         str, typer.Option(help="auto (PNGs for images, a video for videos/cameras), video, png or none.")
@@ -269,9 +264,9 @@ def benchmark(
     out: Annotated[
         str, typer.Option("--out", "-o", help="Markdown table to write (JSON beside it).")
     ] = "docs/results/baselines.md",
-    runs_dir: Annotated[
-        str, typer.Option(help="Where the fitted runs go (refitted unless --reuse-runs).")
-    ] = ("runs/benchmark"),
+    runs_dir: Annotated[str, typer.Option(help="Where the fitted runs go (refitted unless --reuse-runs).")] = (
+        "runs/benchmark"
+    ),
     image_size: Annotated[int, typer.Option()] = 256,
     backbone: Annotated[str, typer.Option()] = "efficientnet_lite0",
     layers: Annotated[
@@ -301,9 +296,7 @@ def benchmark(
     aggregation_border: BorderOption = "zeros",
     compare: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="An earlier benchmark JSON whose rows on these datasets are shown beside (repeatable)."
-        ),
+        typer.Option(help="An earlier benchmark JSON whose rows on these datasets are shown beside (repeatable)."),
     ] = None,
 ) -> None:
     """Fit + test every model on every dataset (and runtime); write one markdown table and JSON."""
@@ -343,10 +336,7 @@ def benchmark(
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `edgead fit`.")],
     format: Annotated[
-        str,
-        typer.Option(
-            "--format", "-f", help="onnx, openvino, tflite, imx500, or edge (the backbone alone, RUN/edge)."
-        ),
+        str, typer.Option("--format", "-f", help="onnx, openvino, tflite, imx500, or edge (the backbone alone, RUN/edge).")
     ] = "onnx",
     out: Annotated[str | None, typer.Option("--out", "-o", help="Folder (default: RUN/export).")] = None,
     int8: Annotated[
@@ -459,9 +449,7 @@ def prune(
 def serve(
     runs: Annotated[
         list[str],
-        typer.Argument(
-            help="Run folders to serve; NAME=RUN serves one as NAME (default: the folder's name)."
-        ),
+        typer.Argument(help="Run folders to serve; NAME=RUN serves one as NAME (default: the folder's name)."),
     ],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -487,15 +475,11 @@ def edge(
     server: Annotated[str, typer.Option(help="Scoring server URL.")] = "http://127.0.0.1:8000",
     mode: Annotated[str, typer.Option(help="image, webp, features, rs, pq, rs+pq or rs+webp.")] = "webp",
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for predictions.csv.")] = "edge_predictions",
-    bandwidth: Annotated[
-        str, typer.Option(help="Modelled uplink, e.g. 100kB/s, 1MB/s, 800kbit/s, inf.")
-    ] = "100kB/s",
+    bandwidth: Annotated[str, typer.Option(help="Modelled uplink, e.g. 100kB/s, 1MB/s, 800kbit/s, inf.")] = "100kB/s",
     latency_ms: Annotated[float, typer.Option(help="Modelled one-way link latency added per frame.")] = 0.0,
     edge_model: Annotated[
         Path | None,
-        typer.Option(
-            help="Feature modes: the edge part (RUN/edge, from `edgead export RUN --format edge`) or the run."
-        ),
+        typer.Option(help="Feature modes: the edge part (RUN/edge, from `edgead export RUN --format edge`) or the run."),
     ] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the server's API key.")] = None,
     ratio: Annotated[float, typer.Option(help="Share of feature positions the rs modes send.")] = 0.25,
@@ -609,25 +593,21 @@ def split(
     modes: Annotated[
         str, typer.Option(help="Comma-separated modes: image, webp, features, rs, pq, rs+pq, rs+webp.")
     ] = "image,webp,features,rs,pq,rs+pq,rs+webp",
-    bandwidth: Annotated[
-        str, typer.Option(help="Modelled uplink, e.g. 100kB/s, 1MB/s, 800kbit/s.")
-    ] = "100kB/s",
+    bandwidth: Annotated[str, typer.Option(help="Modelled uplink, e.g. 100kB/s, 1MB/s, 800kbit/s.")] = "100kB/s",
     latency_ms: Annotated[float, typer.Option(help="Modelled one-way link latency added per frame.")] = 0.0,
     out: Annotated[
         str, typer.Option("--out", "-o", help="Markdown report to write (JSON and two plots beside it).")
     ] = "docs/results/edge_server.md",
-    runs_dir: Annotated[
-        str, typer.Option(help="Where the fitted runs go (refitted unless --reuse-runs).")
-    ] = ("runs/split"),
+    runs_dir: Annotated[str, typer.Option(help="Where the fitted runs go (refitted unless --reuse-runs).")] = (
+        "runs/split"
+    ),
     image_size: Annotated[int, typer.Option()] = 256,
     backbone: Annotated[str, typer.Option(help="Backbone of the edge part (and of the server's head).")] = (
         "efficientnet_lite0"
     ),
     server_backbone: Annotated[
         str | None,
-        typer.Option(
-            help="Score the image modes with a run on this stronger backbone, e.g. efficientnet_lite2."
-        ),
+        typer.Option(help="Score the image modes with a run on this stronger backbone, e.g. efficientnet_lite2."),
     ] = None,
     ratio: Annotated[float, typer.Option(help="Share of feature positions the rs modes send.")] = 0.25,
     quality: Annotated[int, typer.Option(help="WebP quality (webp, rs+webp), 0..100.")] = 80,
@@ -642,9 +622,7 @@ def split(
     param: ParamOption = None,
     webp_fit: Annotated[
         bool,
-        typer.Option(
-            help="Score webp with a run fitted on WebP-round-tripped training images (else the originals)."
-        ),
+        typer.Option(help="Score webp with a run fitted on WebP-round-tripped training images (else the originals)."),
     ] = True,
 ) -> None:
     """Every edge/server split mode through the real server: accuracy, payload and time per frame, one report."""

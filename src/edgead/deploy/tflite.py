@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -326,5 +325,4 @@ def export_tflite(
                 chosen, out_dir / "model.int8.tflite", int8_metadata
             )
         report["converter"] = {k: v for k, v in summary["tool_versions"].items() if v}
-        shutil.rmtree(work / "out", ignore_errors=True)
     return report
