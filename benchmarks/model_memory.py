@@ -1,7 +1,7 @@
 """DifferSqueezeNet's Table 3 for our data: model size and peak fit / inference memory, per model.
 
-    python benchmarks/model_memory.py ../shared/datasets/mvtec_ad/bottle --models differnet,patchcore,padim \
-        --work-dir runs/model_memory --out docs/results/model_memory.md
+    python benchmarks/model_memory.py ../shared/datasets/mvtec_ad/bottle ../shared/datasets/kolektorsdd \
+        --models differnet,patchcore,padim --work-dir runs/model_memory --out docs/results/model_memory.md
 
 Per model, each step in a fresh process so that every peak is its own:
 - fit: ``edgead fit`` as a child process; fit_peak_rss_mb is that child's peak resident memory (``wait4``'s
@@ -75,16 +75,18 @@ def measure(dataset: Path, model: str, image_size: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", type=Path)
+    parser.add_argument("datasets", type=Path, nargs="+")
     parser.add_argument("--models", default="differnet,patchcore,padim")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/model_memory"))
     parser.add_argument("--out", type=Path, default=Path("docs/results/model_memory.md"))
     args = parser.parse_args()
-    if not args.dataset.is_dir():
-        sys.exit(f"error: {args.dataset} is not a dataset folder")
+    for dataset in args.datasets:
+        if not dataset.is_dir():
+            sys.exit(f"error: {dataset} is not a dataset folder")
+    names = ", ".join(dataset.name for dataset in args.datasets)
     header = [
-        *results_header(f"Model size and peak memory (DifferSqueezeNet's Table 3) on {args.dataset.name}",
+        *results_header(f"Model size and peak memory (DifferSqueezeNet's Table 3) on {names}",
                         "python " + " ".join(sys.argv)),
         *[f"- {line.strip()}" for line in __doc__.split("\n- ")[1:]],
         f"- Latency: median over {LATENCY_IMAGES} test images at batch 1, after one warm-up pass, in that fresh "
@@ -93,10 +95,11 @@ def main() -> None:
         "",
     ]  # fmt: skip
     rows: list[dict] = []
-    for model in args.models.split(","):
-        rows.append(measure(args.dataset, model, args.image_size, args.work_dir))
-        write_rows_page(args.out, header, rows, COLUMNS)
-        print(rows[-1], flush=True)
+    for dataset in args.datasets:
+        for model in args.models.split(","):
+            rows.append(measure(dataset, model, args.image_size, args.work_dir))
+            write_rows_page(args.out, header, rows, COLUMNS)
+            print(rows[-1], flush=True)
 
 
 if __name__ == "__main__":

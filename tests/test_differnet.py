@@ -122,3 +122,23 @@ def test_differnet_learns_synthetic_defects_localises_and_exports(synthetic_data
     batch = torch.rand(3, 3, 128, 128)
     a, b = fp32.predict(batch)[1].numpy(), quantized.predict(batch)[1].numpy()
     assert np.all(np.isfinite(b)) and np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_epoch_callback_sees_every_epoch_and_changes_nothing(synthetic_dataset: Path):
+    """The benchmark's per-epoch view of a fit: one call per epoch, flow in eval mode, same final weights."""
+    from edgead.data.datasets import open_dataset
+    from edgead.models.differnet.train import train_differnet
+
+    samples = open_dataset(synthetic_dataset).train[:8]
+    settings = {"hidden": 16, "epochs": 3, "views": 1, "batch_size": 4}
+    torch.manual_seed(0)  # the untrained backbone's random init
+    plain = create_pipeline("differnet", pretrained=False, image_size=128, **settings)
+    train_differnet(plain.head, plain, samples)
+    torch.manual_seed(0)
+    watched = create_pipeline("differnet", pretrained=False, image_size=128, **settings)
+    seen = []
+    train_differnet(watched.head, watched, samples, on_epoch=lambda e: seen.append((e, watched.head.flow.training)))
+    assert seen == [(1, False), (2, False), (3, False)]
+    expected, got = plain.head.flow.state_dict(), watched.head.flow.state_dict()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=name)

@@ -12,6 +12,8 @@ loss stops the fit (nothing is saved).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from edgead.data.datasets import Sample
@@ -39,8 +41,17 @@ def cache_features(head, pipeline: Pipeline, images: torch.Tensor, progress: boo
     return torch.cat(features)
 
 
-def train_differnet(head, pipeline: Pipeline, samples: list[Sample], progress: bool = False) -> None:
-    """Fit the standardisation and the flow of ``head`` on the normal training ``samples``."""
+def train_differnet(
+    head,
+    pipeline: Pipeline,
+    samples: list[Sample],
+    progress: bool = False,
+    on_epoch: Callable[[int], None] | None = None,
+) -> None:
+    """Fit the standardisation and the flow of ``head`` on the normal training ``samples``.
+
+    ``on_epoch(epoch)`` (1-based), if given, is called after every epoch with the flow in eval mode: a
+    benchmark's view of the training curve; it never changes which weights are kept (the last)."""
     if len(samples) < 2:
         raise DatasetError("the differnet model needs at least 2 training images (after the validation split)")
     images = load_images(samples, pipeline.image_size, progress, "load images")
@@ -65,4 +76,8 @@ def train_differnet(head, pipeline: Pipeline, samples: list[Sample], progress: b
             order = torch.randperm(len(vectors), generator=generator)
         batch = vectors[order[b * head.batch_size : (b + 1) * head.batch_size]]
         training_step(optimiser, head.nll(batch).mean(), step, steps, head.history_, "differnet flow")
+        if on_epoch is not None and b == batches_per_epoch - 1:
+            head.flow.eval()
+            on_epoch((step + 1) // batches_per_epoch)
+            head.flow.train()
     head.flow.eval()
