@@ -68,10 +68,9 @@ def scores(head: DifferNet, features: torch.Tensor) -> dict[str, np.ndarray]:
     """Image scores [N] of both kinds, averaged over the rotations of ``features`` [T, N, D, 1, 1]."""
     nll, latent = [], []
     for view in features:
-        z, log_jac_det = head.flow((view - head.feature_mean_) / head.feature_std_)
-        energy = 0.5 * (z**2).sum(dim=(1, 2, 3))
-        nll.append((energy - log_jac_det) / head.dims)
-        latent.append(energy / head.dims)
+        energy, log_det = head.latent_energy_and_log_det(view)
+        nll.append(energy - log_det)
+        latent.append(energy)
     return {"nll": torch.stack(nll).mean(0).numpy(), "latent": torch.stack(latent).mean(0).numpy()}
 
 

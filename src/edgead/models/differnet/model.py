@@ -161,11 +161,17 @@ class DifferNet(TrainableHead):
         self.dims = in_channels
         self.flow = build_flow(in_channels, self.blocks, self.hidden, self.clamp, self.seed)
 
+    def latent_energy_and_log_det(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """0.5 |z|^2 and the flow's log-determinant, each per dimension [N], of pooled features [N, D, 1, 1]:
+        the two terms of the NLL (DifferNet's own score is the first alone)."""
+        z, log_jac_det = self.flow((features - self.feature_mean_) / self.feature_std_)
+        return 0.5 * (z**2).sum(dim=(1, 2, 3)) / self.dims, log_jac_det / self.dims
+
     def nll(self, features: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood per dimension [N] of pooled features [N, D, 1, 1] (the constant log 2 pi
         and the standardisation's log-determinant left out: they are the same for every image)."""
-        z, log_jac_det = self.flow((features - self.feature_mean_) / self.feature_std_)
-        return (0.5 * (z**2).sum(dim=(1, 2, 3)) - log_jac_det) / self.dims
+        energy, log_det = self.latent_energy_and_log_det(features)
+        return energy - log_det
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         self.check_fitted()
