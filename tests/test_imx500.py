@@ -36,11 +36,6 @@ def test_missing_toolchain_says_how_to_install_it(
     assert not (tmp_path / "out").exists()  # and failed before writing anything
 
 
-def test_only_tinyglass_runs_go_on_the_sensor(fitted_run: Path, tmp_path: Path):
-    with pytest.raises(EdgeadError, match="'patchcore' model.*tinyglass"):
-        export_imx500(fitted_run, tmp_path / "out", progress=False)
-
-
 def test_bad_run_folder_and_calibration_count(tmp_path: Path):
     with pytest.raises(EdgeadError, match="does not exist"):
         export_imx500(tmp_path / "missing", tmp_path / "out", progress=False)

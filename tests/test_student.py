@@ -112,7 +112,7 @@ def test_student_learns_synthetic_defects_and_round_trips(synthetic_dataset: Pat
 @pytest.mark.parametrize("autoencoder", [True, False])
 def test_sensor_net_folds_the_head_exactly(autoencoder: bool):
     """What goes on the IMX500 (no channel slices, standardisation folded) equals the pipeline's patch scores."""
-    from edgead.deploy.imx500_worker import build_sensor_net
+    from edgead.deploy.imx500_nets import build_sensor_net
 
     pipeline = unfitted_student(image_size=64, autoencoder=autoencoder)
     pipeline.mean.fill_(0.3)  # the student and autoencoder must see the normalised image, as in the pipeline

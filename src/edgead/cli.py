@@ -343,6 +343,13 @@ def export(
         bool, typer.Option("--int8", help="Also write an INT8 post-training-quantized file.")
     ] = False,
     calibration: Annotated[int, typer.Option(help="Number of calibration images for --int8.")] = 64,
+    calibration_defects: Annotated[
+        int | None,
+        typer.Option(
+            help="Synthetic-defect versions of calibration images added to the INT8 calibration set (default: "
+            "one in eight for a sensor-sized PatchCore bank, -p bank_size, none otherwise).",
+        ),
+    ] = None,
     calibration_dir: Annotated[
         Path | None, typer.Option(help="Folder of normal images (default: the run's train/good).")
     ] = None,
@@ -370,6 +377,7 @@ def export(
         calibration_dir=calibration_dir,
         input_dtype="float32" if float_input else "uint8",
         qat=qat,
+        calibration_defects=calibration_defects,
     )
     if "parity_max_abs_diff_map" in report:
         typer.echo(

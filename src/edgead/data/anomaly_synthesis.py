@@ -364,3 +364,18 @@ def local_anomaly(
     blend = (1 - beta) * texture[mask].astype(np.float32) + beta * image[mask].astype(np.float32)
     out[mask] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
     return out, mask
+
+
+def synthetic_defect_images(images: Sequence[np.ndarray], n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` synthetic-defect versions of normal uint8 images (taken in turn), for INT8 calibration.
+
+    Calibrated on normal images only, a quantizer sets the range of a distance or score layer to the
+    normal values and clips every anomaly to the same ceiling; a few images with defects keep anomalies
+    inside the range. They are made from training images, never from test images.
+    """
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    if n and not len(images):
+        raise ValueError("synthetic defects need at least one normal image to start from")
+    rng = np.random.default_rng(seed)
+    return [local_anomaly(images[i % len(images)], rng)[0] for i in range(n)]

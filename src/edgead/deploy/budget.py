@@ -154,19 +154,41 @@ def _peak_live(trace: _ActivationTrace) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def peak_activations(pipeline: Pipeline, image_size: int | None = None) -> dict[str, Any]:
+def peak_activations(pipeline: Pipeline, image_size: int | None = None, sensor: bool = False) -> dict[str, Any]:
     """Peak number of live activation values in one forward pass at batch 1, and where it occurs.
 
-    The pass is the exported graph (preprocess, backbone, head, postprocess); see the module
-    docstring for how liveness and buffer reuse are modelled. Needs a fitted head.
+    The pass is the exported graph (preprocess, backbone, head, postprocess), or with ``sensor`` the IMX500
+    sensor graph (:mod:`edgead.deploy.imx500_nets`: PatchCore's bank as chunked convolutions; the
+    postprocess runs on the host); see the module docstring for how liveness and buffer reuse are
+    modelled. Needs a fitted head.
     """
     size = image_size or pipeline.image_size
     pipeline.head.check_fitted()
     post = pipeline.postprocess
     if size != pipeline.image_size:
         post = Postprocess(size, sigma=pipeline.postprocess.sigma, grid=size // pipeline.backbone.stride)
-    constants = {t.untyped_storage().data_ptr() for t in [*pipeline.parameters(), *pipeline.buffers()]}
-    constants |= {t.untyped_storage().data_ptr() for t in post.buffers()}
+    if sensor:
+        from edgead.deploy.imx500_nets import build_sensor_net
+
+        net = build_sensor_net(pipeline)
+        image = torch.zeros(1, 3, size, size)
+        return _traced_peak(net, lambda: net(image), size, "output")
+    image = torch.zeros(1, 3, size, size)
+    was_training = pipeline.training
+    pipeline.eval()
+    try:
+        return _traced_peak(
+            pipeline, lambda: post(pipeline.head(pipeline.features(image))), size, "postprocess", post.buffers()
+        )
+    finally:
+        pipeline.train(was_training)
+
+
+def _traced_peak(
+    root: nn.Module, forward: Any, size: int, last_name: str, extra_constants: Any = ()
+) -> dict[str, Any]:
+    """Peak live activations of ``forward()`` (a pass through ``root``), named by the module running at the peak."""
+    constants = {t.untyped_storage().data_ptr() for t in [*root.parameters(), *root.buffers(), *extra_constants]}
     trace = _ActivationTrace(constants)
     hooks = []
 
@@ -176,22 +198,18 @@ def peak_activations(pipeline: Pipeline, image_size: int | None = None) -> dict[
     def leave(module: nn.Module, args: Any, output: Any) -> None:
         trace.module_stack.pop()
 
-    for name, module in pipeline.named_modules():
+    for name, module in root.named_modules():
         if name:
             hooks.append(module.register_forward_pre_hook(enter(name)))
             hooks.append(module.register_forward_hook(leave))
-    was_training = pipeline.training
-    pipeline.eval()
-    image = torch.zeros(1, 3, size, size)
     try:
-        with trace:
-            post(pipeline.head(pipeline.features(image)))
+        with trace, torch.no_grad():
+            forward()
     finally:
         for hook in hooks:
             hook.remove()
-        pipeline.train(was_training)
     peak, at = _peak_live(trace)
-    return {"image_size": size, "peak_values": peak, "peak_at": trace.names[at] or "postprocess"}
+    return {"image_size": size, "peak_values": peak, "peak_at": trace.names[at] or last_name}
 
 
 def budget_report(pipeline: Pipeline, device: str, image_size: int | None = None) -> dict[str, Any]:
@@ -206,7 +224,9 @@ def budget_report(pipeline: Pipeline, device: str, image_size: int | None = None
     profile_ = get_device(device)
     pipeline.head.check_fitted()
     profile = model_profile(pipeline, image_size=image_size)
-    activations = peak_activations(pipeline, image_size=image_size)
+    # On the IMX500 a PatchCore bank runs as chunked convolutions (never the whole distance matrix at once)
+    sensor = device == "imx500" and pipeline.head.name == "patchcore"
+    activations = peak_activations(pipeline, image_size=image_size, sensor=sensor)
     head_in_int8 = bool(profile_.get("head_in_int8", {}).get("value", True))
     # The INT8 file stores a head's weights in int8 where the head asks for it (DifferNet's flow)
     head_weight_bytes = INT8_BYTES if head_in_int8 or pipeline.head.int8_head_weights else FLOAT_BYTES
@@ -271,10 +291,37 @@ def budget_run(run_dir: str | Path, device: str, image_size: int | None = None) 
     get_device(device)  # an unknown device fails before the run is loaded
     if image_size is not None and not (32 <= image_size <= MAX_IMAGE_SIZE and image_size % 32 == 0):
         raise UsageError(f"--image-size must be a multiple of 32 between 32 and {MAX_IMAGE_SIZE}, got {image_size}")
-    pipeline, _ = load_run(run_dir)
+    pipeline, config = load_run(run_dir)
     report = budget_report(pipeline, device, image_size=image_size)
     report["run"] = str(run_dir)
+    if device == "imx500":
+        report["converter_report"] = converter_report(Path(run_dir), config.model_sha256)
     return report
+
+
+def converter_report(run_dir: Path, model_sha256: str | None) -> dict[str, Any] | None:
+    """The IMX500 converter's own memory report for this run, if ``edgead export RUN --format imx500`` wrote
+    one into RUN/export for the model the run holds now; None otherwise. It is the authority: the budget
+    is an estimate."""
+    from edgead.deploy.imx500 import SUMMARY_FILE
+
+    path = run_dir / "export" / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+        memory = summary["memory"]
+        used = int(memory["memory_usage_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not model_sha256 or summary.get("source_model_sha256") != model_sha256:
+        return None  # another model's report (refitted since the export)
+    return {
+        "file": str(path),
+        "model_bytes": memory.get("model_memory_bytes"),
+        "runtime_bytes": memory.get("runtime_memory_bytes"),
+        "total_bytes": used,
+        "utilization": memory.get("utilization"),
+        "fits": memory.get("fits") is True,
+    }
 
 
 def format_budget(report: dict[str, Any]) -> str:
@@ -305,4 +352,13 @@ def format_budget(report: dict[str, Any]) -> str:
         f"latency       >= {report['latency_ms_lower_bound']:.2f} ms (MACs / peak MAC/s, lower bound)",
         f"energy        ~{report['energy_mj_estimate']:.3f} mJ per image (MACs / GMAC per J, estimate)",
     ]
+    converter = report.get("converter_report")
+    if converter:
+        lines.append(
+            f"converter     model {size(converter['model_bytes'] or 0)} + runtime {size(converter['runtime_bytes'] or 0)} "
+            f"= {size(converter['total_bytes'])} ({converter['utilization']}): "
+            f"{'fits' if converter['fits'] else 'does NOT fit'} (imxconv-pt's own report, {converter['file']})"
+        )
+    elif report["device"] == "imx500":
+        lines.append("converter     no report yet: `edgead export RUN --format imx500` gives the converter's own")
     return "\n".join(lines)

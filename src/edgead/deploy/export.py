@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from edgead.deploy.onnx_export import (
+    calibration_set,
     config_from_metadata,
     export_onnx,
     read_metadata,
-    train_images,
     validation_images,
 )
 from edgead.errors import EdgeadError, UsageError
@@ -42,15 +42,20 @@ def export_run(
     input_dtype: str = "uint8",
     progress: bool = True,
     qat: bool = False,
+    calibration_defects: int | None = None,
 ) -> dict[str, Any]:
     """Export ``run_dir`` to ``out_dir`` (default RUN/export); returns the files written and checks.
 
     ``qat``: fine-tune the run with fake quantization first (:mod:`edgead.deploy.qat`, saved as
-    ``out_dir/qat_run``) and export that; the INT8 file is then post-training quantized from QAT weights."""
+    ``out_dir/qat_run``) and export that; the INT8 file is then post-training quantized from QAT weights.
+    ``calibration_defects``: synthetic-defect images added to the calibration images (every INT8 path, the
+    IMX500 included); None: one in eight for a sensor-sized PatchCore bank, none otherwise."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
     if not 1 <= calibration <= 10000:
         raise UsageError(f"--calibration must be between 1 and 10000 images, got {calibration}")
+    if calibration_defects is not None and not 0 <= calibration_defects <= 10000:
+        raise UsageError(f"--calibration-defects must be between 0 and 10000 images, got {calibration_defects}")
     if calibration_dir is not None and not Path(calibration_dir).is_dir():
         raise EdgeadError(f"--calibration-dir {calibration_dir} is not a folder of images")
     if fmt == "tflite" and input_dtype != "uint8":
@@ -82,7 +87,7 @@ def export_run(
     if fmt == "imx500":
         from edgead.deploy.imx500 import export_imx500
 
-        summary = export_imx500(run_dir, out_dir, calibration, progress=progress)
+        summary = export_imx500(run_dir, out_dir, calibration, progress=progress, n_defects=calibration_defects)
         memory = summary["memory"]
         return {
             "files": {name: out_dir / name for name in summary["files"]},
@@ -97,7 +102,7 @@ def export_run(
         from edgead.deploy.tflite import export_tflite
 
         report = {
-            **export_tflite(run_dir, out_dir, int8, calibration, calibration_dir, progress),
+            **export_tflite(run_dir, out_dir, int8, calibration, calibration_dir, progress, defects=calibration_defects),
             **qat_report,
         }
         report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
@@ -115,7 +120,7 @@ def export_run(
     images = validation = None
     if int8:
         config = config_from_metadata(read_metadata(onnx_path), onnx_path)
-        images = train_images(config, calibration, calibration_dir)
+        images = calibration_set(config, calibration, calibration_dir, calibration_defects)
         report["calibration_images"] = len(images)
         validation = validation_images(config)
         report["int8_threshold"] = (

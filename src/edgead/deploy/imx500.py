@@ -1,4 +1,4 @@
-"""The Sony IMX500 target: quantize a fitted TinyGLASS or student run for the sensor and check that it fits.
+"""The Sony IMX500 target: quantize a fitted TinyGLASS, student or PatchCore run for the sensor, check that it fits.
 
 Sony's toolchain (Model Compression Toolkit for INT8 post-training quantization, ``imxconv-pt`` for
 the conversion) needs another torch than edgead's, so it lives in its own environment, built once by
@@ -33,7 +33,12 @@ HOME_ENV = "EDGEAD_IMX500_HOME"
 SETUP_COMMAND = "bash scripts/setup_imx500.sh"
 STAMP_FILE = ".edgead-imx500-installed"
 SUMMARY_FILE = "imx500_summary.json"
-SUPPORTED_MODELS = ("tinyglass", "student")
+SUPPORTED_MODELS = ("tinyglass", "student", "patchcore")
+# PatchCore bank entries refused before any work. Converter's report at 256 px: 2.35 MB runtime + 0.88 MB
+# backbone + 0.16 MB per 1024 entries (4096: 3.87 MB, 16384: 5.83 MB), so about 30,000 entries would fill 8 MB;
+# the converter decides below this limit.
+SENSOR_BANK_LIMIT = 24576
+SENSOR_BANK_HINT = "fit a sensor-sized bank with `edgead fit DATASET --model patchcore -p bank_size=4096`"
 WORKER = Path(__file__).with_name("imx500_worker.py")
 
 
@@ -81,6 +86,9 @@ def export_imx500(
     *,
     memory_report_only: bool = False,
     timeout: float | None = None,
+    n_defects: int | None = None,
+    chunk_size: int = 1024,
+    score_test: str | Path | None = None,
 ) -> dict[str, Any]:
     """Quantize a fitted TinyGLASS or student run for the IMX500, convert it and return the summary.
 
@@ -95,6 +103,12 @@ def export_imx500(
         memory_report_only: ask the converter for the memory report alone (about half the time, no
             ``packerOut.zip``).
         timeout: seconds before the worker is stopped; None waits as long as it takes.
+        n_defects: synthetic-defect versions of calibration images added to the calibration set; None:
+            ``n_calibration // 8`` for PatchCore (its distance layers would otherwise be calibrated to
+            normal distances only and clip every anomaly to one ceiling), 0 for the trained models.
+        chunk_size: PatchCore bank entries per 1x1 convolution of the sensor graph.
+        score_test: also score the run's test split with the float and the MCT-quantized sensor graph
+            and save the patch scores there (.npz), for :func:`edgead.deploy.sensor_bank.score_sensor_outputs`.
 
     Returns:
         The parsed ``imx500_summary.json``: ``fits``, ``memory`` (the converter's Model Memory,
@@ -110,14 +124,25 @@ def export_imx500(
     """
     if n_calibration < 1:
         raise EdgeadError(f"n_calibration must be at least 1, got {n_calibration}")
+    if not 1 <= chunk_size <= SENSOR_BANK_LIMIT:
+        raise EdgeadError(f"chunk_size must be between 1 and {SENSOR_BANK_LIMIT}, got {chunk_size}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = read_config(run_dir)
     if config.model not in SUPPORTED_MODELS:
         raise EdgeadError(
             f"{run_dir} holds a '{config.model}' model: the IMX500 target supports {', '.join(SUPPORTED_MODELS)} "
-            "only (their whole inference is convolutions; PatchCore and PaDiM are not sensor graphs). "
-            "Fit one with `edgead fit DATASET --model student`"
+            "only (their whole inference is convolutions and channel reductions; PaDiM is not a sensor graph). "
+            "Fit one with `edgead fit DATASET --model patchcore -p bank_size=4096`"
         )
+    if config.model == "patchcore" and (config.head.get("bank_size") or 0) > SENSOR_BANK_LIMIT:
+        raise EdgeadError(
+            f"{run_dir} holds a PatchCore bank of up to {config.head['bank_size']} entries: too many for the "
+            f"sensor (at most {SENSOR_BANK_LIMIT}); {SENSOR_BANK_HINT}"
+        )
+    if n_defects is None:
+        n_defects = n_calibration // 8 if config.model == "patchcore" else 0
+    if n_defects < 0:
+        raise EdgeadError(f"n_defects must be non-negative, got {n_defects}")
     python = toolchain_python()
     if shutil.which("java") is None:
         raise EdgeadError(
@@ -138,7 +163,15 @@ def export_imx500(
         str(out_dir.resolve()),
         "--n-calibration",
         str(n_calibration),
+        "--n-defects",
+        str(n_defects),
+        "--chunk-size",
+        str(chunk_size),
+        "--max-bank-entries",
+        str(SENSOR_BANK_LIMIT),
     ]
+    if score_test is not None:
+        command += ["--score-test", str(Path(score_test).resolve())]
     if memory_report_only:
         command.append("--memory-report-only")
     with tempfile.TemporaryDirectory(prefix="edgead-imx500-path-") as scratch:
@@ -179,7 +212,24 @@ def export_imx500(
             + f"\n(full report: {summary_path})",
             summary,
         )
+    if summary.get("fakequant_onnx"):
+        label_sensor_graph(out_dir / summary["fakequant_onnx"], run_dir, config, summary)
     return summary
+
+
+def label_sensor_graph(path: Path, run_dir: Path, config, summary: dict[str, Any]) -> None:
+    """Give MCT's fake-quantized sensor graph edgead's metadata (threshold, config, hashes), so that
+    ``edgead test`` and ``predict`` run it with ONNX Runtime and the host decoder: the sensor's model on a CPU."""
+    from edgead.deploy.onnx_export import metadata_for, write_metadata
+
+    metadata = metadata_for(config, "float32", run_dir)
+    metadata["sensor_graph"] = "patch_scores"
+    metadata["quantization"] = (
+        f"Sony MCT {summary['tool_versions'].get('model-compression-toolkit')} INT8 for the IMX500 (TPC "
+        f"{summary['target_platform']['mct_tpc_version']}), {summary['calibration']}; fake-quantized ONNX "
+        "run without graph optimisation (the sensor's quantized values)"
+    )
+    write_metadata(path, metadata)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,3 +253,48 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def evaluate_sensor_outputs(run_dir: str | Path, scores_file: str | Path) -> dict[str, dict[str, Any]]:
+    """Metrics of the sensor graph's test-split outputs that ``export_imx500(score_test=...)`` saved.
+
+    Each saved set of patch scores (``float``: the sensor graph in float; ``int8``: MCT's quantized
+    graph) goes through the host decoder (:class:`~edgead.deploy.imx500_host.SensorDecoder`, with the
+    run's threshold), then the same metrics as ``edgead test``. Returns one metrics dict per set.
+    """
+    import numpy as np
+
+    from edgead.data import make_loader, open_dataset
+    from edgead.deploy.imx500_host import SensorDecoder
+    from edgead.evaluation import check_finite_scores, score_predictions
+    from edgead.inference import Predictions
+
+    config = read_config(run_dir)
+    try:
+        saved = np.load(scores_file, allow_pickle=False)
+        arrays = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError) as exc:
+        raise EdgeadError(f"{scores_file} is not a sensor scores file: {exc}") from None
+    data = open_dataset(config.extra["dataset"])
+    if [str(s.path) for s in data.test] != arrays.pop("paths").tolist():
+        raise EdgeadError(f"{scores_file} does not hold this dataset's test images in order: re-export to score")
+    labels, masks, has_masks = [], [], []
+    for batch in make_loader(list(data.test), config.image_size, batch_size=16):
+        labels.append(np.asarray(batch["label"]))
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        has_masks.append(np.asarray(batch["has_mask"], dtype=bool))
+    decoder = SensorDecoder(config.image_size, config.blur_sigma, config.threshold, config.score_min, config.score_max)
+    results = {}
+    for name, patch_scores in arrays.items():
+        decoded = [decoder.decode(p) for p in patch_scores]
+        predictions = Predictions(
+            samples=list(data.test),
+            scores=np.array([d.score for d in decoded]),
+            maps=np.stack([d.anomaly_map for d in decoded]),
+            labels=np.concatenate(labels).astype(int),
+            masks=np.concatenate(masks),
+            has_masks=np.concatenate(has_masks),
+        )
+        check_finite_scores(predictions.scores, predictions.maps, f"the {name} sensor graph on {data.name}")
+        results[name] = score_predictions(predictions, config)
+    return results

@@ -1,31 +1,32 @@
-"""IMX500 worker: quantize a fitted TinyGLASS or student run with Sony's MCT and convert it with ``imxconv-pt``.
+"""IMX500 worker: quantize a fitted TinyGLASS, student or PatchCore run with Sony's MCT, convert it with ``imxconv-pt``.
 
 This script runs INSIDE the isolated IMX500 toolchain environment built by ``scripts/setup_imx500.sh``
 (torch 2.6, model-compression-toolkit 2.5.1, imx500-converter 3.19.2), never in edgead's own
 environment. :func:`edgead.deploy.imx500.export_imx500` starts it with that environment's Python and
 with only the calling edgead package on ``PYTHONPATH``, so both sides run the same edgead code.
 
-What goes on the sensor (the "sensor net"): preprocess + backbone + TinyGLASS head (or teacher + student +
-autoencoder + discrepancy for the student model, see :func:`build_student_sensor_net`), i.e.
+What goes on the sensor (the "sensor net", :mod:`edgead.deploy.imx500_nets`): preprocess + backbone +
+the head as plain modules, i.e.
 
-    image [1, 3, S, S], RGB scaled to 0..1  ->  patch anomaly scores [1, 1, S/8, S/8] in 0..1
+    image [1, 3, S, S], RGB scaled to 0..1  ->  patch scores [1, 1, S/8, S/8]
 
 The input contract is the pipeline's own (``Pipeline.forward`` and the ONNX export take 0..1 images):
 the backbone normalisation ``(x - 0.5) / 0.5`` is the graph's first op, so the 8-bit input tensor is
-the sensor's 8-bit RGB image with no normalisation to configure when packaging. The TinyGLASS feature
-standardisation is folded into the adaptor convolution (exact in float), which leaves only
-convolutions, batch norms, activations, one pad per stride-2 layer, an average pool, a x2 resize and a
-concat. The postprocess (upsample to S x S, Gaussian blur, max, normalisation and threshold) stays on
-the host: ``postprocess`` in the summary holds what it needs.
+the sensor's 8-bit RGB image with no normalisation to configure when packaging. The postprocess
+(upsample to S x S, Gaussian blur, max, normalisation and threshold) stays on the host:
+``postprocess`` in the summary holds what it needs (:mod:`edgead.deploy.imx500_host` does it).
 
 Steps: load run -> build sensor net -> N calibration images (the run's training split of train/good,
-seeded) -> MCT post-training quantization with the IMX500 target platform capabilities -> quantized ONNX
--> ``imxconv-pt -i <name>.onnx -o OUT`` -> parse ``OUT/<name>_MemoryReport.json`` -> write
-``OUT/imx500_summary.json`` next to ``packerOut.zip``. A stage that fails (an op MCT or the converter
-refuses, a network that does not fit) is recorded in the summary with the tool's own message, and the
-worker exits with status 2 (1 is left for crashes of the worker itself).
+seeded) + M synthetic-defect versions of them (``--n-defects``: PatchCore's distances would otherwise be
+calibrated to normal values only) -> MCT post-training quantization with the IMX500 target platform
+capabilities -> quantized ONNX (MCT's own format, for the converter) and the same graph as standard QDQ
+ONNX (``*.fakequant.onnx``, for ONNX Runtime on any CPU) -> optionally the test split scored by the float
+and the quantized net (``--score-test``, evaluation only) -> ``imxconv-pt -i <name>.onnx -o OUT`` -> parse
+``OUT/<name>_MemoryReport.json`` -> write ``OUT/imx500_summary.json`` next to ``packerOut.zip``. A stage
+that fails (an op MCT or the converter refuses, a network that does not fit) is recorded in the summary
+with the tool's own message, and the worker exits with status 2 (1 is left for crashes of the worker itself).
 
-Usage (inside the toolchain env): ``python imx500_worker.py RUN_DIR OUT_DIR [--n-calibration 64]``.
+Usage (inside the toolchain env): ``python imx500_worker.py RUN_DIR OUT_DIR [--n-calibration 64] [--n-defects 8]``.
 """
 
 import sys
@@ -37,7 +38,6 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import glob  # noqa: E402
 import importlib.metadata as metadata  # noqa: E402
 import json  # noqa: E402
@@ -53,6 +53,8 @@ from typing import Any  # noqa: E402
 
 SUMMARY_FILE = "imx500_summary.json"
 CONVERTER_LOG = "imxconv.log"
+# MCT's quantized graph as plain ONNX (QDQ): the sensor's model for ONNX Runtime on any CPU
+FAKEQUANT_SUFFIX = "fakequant.onnx"
 TPC_VERSION = "v1"  # MCT 2.5.1's IMX500 target platform capabilities
 TOOL_PACKAGES = (
     "torch",
@@ -79,208 +81,17 @@ class StageError(Exception):
         self.detail = detail
 
 
-# ---- the network that goes on the sensor -------------------------------------------------------------
+# ---- calibration and test data -------------------------------------------------------------------------
 
 
-def plain_convolutions(module):
-    """Replace every Conv2d subclass (e.g. the backbone's SameConv2d) by ZeroPad2d + a plain Conv2d.
-
-    MCT traces with torch.fx and reads a convolution's settings from ``nn.Conv2d`` modules; a subclass
-    with its own ``forward`` is traced into a functional ``conv2d`` whose ``groups`` MCT cannot read
-    (``KeyError: 'groups'`` in its batch-norm folding). Same weights, same output.
-    """
-    from torch import nn
-
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d:
-            conv = nn.Conv2d(
-                child.in_channels,
-                child.out_channels,
-                child.kernel_size,
-                stride=child.stride,
-                padding=child.padding,
-                dilation=child.dilation,
-                groups=child.groups,
-                bias=child.bias is not None,
-                padding_mode=child.padding_mode,
-            )
-            conv.load_state_dict(child.state_dict())
-            extra_pad = getattr(child, "extra_pad", None)
-            setattr(module, name, nn.Sequential(nn.ZeroPad2d(extra_pad), conv) if extra_pad else conv)
-        else:
-            plain_convolutions(child)
-    return module
-
-
-def sensor_features(pipeline):
-    """Preprocess + frozen backbone as a plain module (0..1 image -> features), traceable by torch.fx.
-
-    FeatureExtractor.forward without its dynamic shape check (which MCT's tracer cannot follow), and with
-    plain convolutions; for the student model the backbone slot's teacher is taken.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    backbone = getattr(pipeline.backbone, "teacher", pipeline.backbone)
-    layers = tuple(backbone.layers)
-    # Integer upsampling factor of each chosen stage to the finest chosen stride (static shapes).
-    scales = tuple(s // backbone.stride for s in backbone.layer_strides)
-
-    class SensorFeatures(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("input_mean", pipeline.mean.clone())
-            self.register_buffer("input_std", pipeline.std.clone())
-            self.stages = plain_convolutions(copy.deepcopy(backbone.stages))
-            self.pool = backbone.pool
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            x = (images - self.input_mean) / self.input_std
-            feats = []
-            for i, stage in enumerate(self.stages):
-                x = stage(x)
-                if i in layers:
-                    feats.append(self.pool(x))
-            resized = [
-                f
-                if scale == 1
-                else F.interpolate(f, scale_factor=float(scale), mode="bilinear", align_corners=False)
-                for f, scale in zip(feats, scales, strict=True)
-            ]
-            return resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
-
-    return SensorFeatures()
-
-
-def fold_affine_into_conv(conv, scale, shift):
-    """A new conv computing ``conv(x) * scale + shift`` (per output channel), exactly in float64."""
-    import torch
-    from torch import nn
-
-    weight = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
-    with torch.no_grad():
-        folded.weight.copy_((weight * scale.view(-1, 1, 1, 1)).float())
-        folded.bias.copy_((bias * scale + shift).float())
-    return folded
-
-
-def build_tinyglass_sensor_net(pipeline):
-    """Preprocess + backbone + TinyGLASS head as one plain module: 0..1 image -> patch scores."""
-    import torch
-    from torch import nn
-
-    head = pipeline.head
-    mean = head.feature_mean_.flatten().double()
-    std = head.feature_std_.flatten().double()
-    adaptor = head.adaptor
-    # adaptor((f - m) / s) = conv(W / s, f) + (b - W @ (m / s)): fold the standardisation, exactly.
-    weight = adaptor.weight.detach().double()  # [C, C, 1, 1]
-    bias = adaptor.bias.detach().double() if adaptor.bias is not None else torch.zeros(weight.shape[0])
-    folded = nn.Conv2d(adaptor.in_channels, adaptor.out_channels, kernel_size=1, bias=True)
-    with torch.no_grad():
-        folded.weight.copy_((weight / std.view(1, -1, 1, 1)).float())
-        folded.bias.copy_((bias - (weight[:, :, 0, 0] * (mean / std).view(1, -1)).sum(dim=1)).float())
-
-    class SensorNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = sensor_features(pipeline)
-            self.adaptor = folded
-            self.discriminator = head.discriminator
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return self.discriminator(self.adaptor(self.features(images)))
-
-    return SensorNet().eval()
-
-
-def build_student_sensor_net(pipeline):
-    """Teacher + student (+ autoencoder) + discrepancy as one plain module: 0..1 image -> patch scores.
-
-    The head's channel slices and standardisation are folded away, so the graph is convolutions, ReLUs,
-    resizes, one subtraction and one square per branch, a concat and a last 1x1 convolution:
-    - the student's last 1x1 convolution is split into its teacher half and its autoencoder half, and
-      the teacher half is de-standardised (``y * std + mean``), exactly;
-    - mean_c(((t - m) / s - y)^2) = sum_c (t - y')^2 / (C s_c^2): the per-channel weights, the map
-      quantile normalisation and the 0.5 / 0.5 average become the weights and bias of one 1x1
-      convolution over [(t - y')^2 | (a - y_ae)^2].
-    """
-    import torch
-    from torch import nn
-
-    head, extractor = pipeline.head, pipeline.backbone
-    c = head.channels
-    mean = head.teacher_mean_.flatten().double()
-    std = head.teacher_std_.flatten().double()
-    q = head.quantiles_.flatten().double()
-    last = extractor.student.layers[-1]
-    trunk = copy.deepcopy(extractor.student.layers[:-1])
-
-    def half(rows: slice):
-        conv = nn.Conv2d(last.in_channels, c, 1)
-        with torch.no_grad():
-            conv.weight.copy_(last.weight[rows])
-            conv.bias.copy_(last.bias[rows])
-        return conv
-
-    to_teacher = fold_affine_into_conv(half(slice(0, c)), std, mean)
-    # Normalised map = a * raw + b with a = 0.1 / (q_high - q_low), b = -a q_low, halved when averaged.
-    weight_st = 0.1 / (q[1] - q[0]) / (c * std**2)
-    bias = -0.1 * q[0] / (q[1] - q[0])
-    weights = [weight_st]
-    if head.autoencoder:
-        weights = [0.5 * weight_st, torch.full((c,), 0.05 / (q[3] - q[2]) / c, dtype=torch.float64)]
-        bias = 0.5 * bias - 0.05 * q[2] / (q[3] - q[2])
-    combine = nn.Conv2d(c * len(weights), 1, 1)
-    with torch.no_grad():
-        combine.weight.copy_(torch.cat(weights).view(1, -1, 1, 1).float())
-        combine.bias.fill_(float(bias))
-
-    class SensorNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = sensor_features(pipeline)
-            self.student = trunk
-            self.to_teacher = to_teacher
-            self.to_autoencoder = half(slice(c, 2 * c)) if head.autoencoder else None
-            self.autoencoder = copy.deepcopy(extractor.autoencoder)
-            self.combine = combine
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            x = (images - self.features.input_mean) / self.features.input_std  # what student and autoencoder see
-            hidden = self.student(x)
-            difference = self.features(images) - self.to_teacher(hidden)
-            squares = difference * difference
-            if self.to_autoencoder is not None:
-                difference_ae = self.autoencoder(x) - self.to_autoencoder(hidden)
-                squares = torch.cat([squares, difference_ae * difference_ae], dim=1)
-            return self.combine(squares)
-
-    return SensorNet().eval()
-
-
-SENSOR_NETS = {"tinyglass": build_tinyglass_sensor_net, "student": build_student_sensor_net}
-OUTPUT_MEANINGS = {
-    "tinyglass": "patch anomaly scores in 0..1 (TinyGLASS discriminator, sigmoid)",
-    "student": "patch anomaly scores, normalised discrepancy (about 0 on normal patches, 0.1 at the normal 99.5% quantile)",
-}
-
-
-def build_sensor_net(pipeline):
-    """The network that goes on the sensor for a fitted run (TinyGLASS or student): image -> patch scores."""
-    pipeline.head.check_fitted()
-    return SENSOR_NETS[pipeline.head.name](pipeline)
-
-
-def calibration_images(config, n: int, seed: int = 0):
-    """``n`` images from the run's training split of train/good (never validation or test), 0..1."""
+def calibration_images(config, n: int, seed: int = 0, n_defects: int = 0):
+    """``n`` images from the run's training split of train/good (never validation or test), 0..1, followed
+    by ``n_defects`` synthetic-defect versions of them (keeps anomalous distances inside the INT8 range)."""
     import numpy as np
     import torch
 
     from edgead.data import open_dataset, resize_image, split_validation
+    from edgead.data.anomaly_synthesis import synthetic_defect_images
     from edgead.data.images import load_rgb
     from edgead.errors import DatasetError
 
@@ -300,8 +111,38 @@ def calibration_images(config, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     picks = rng.permutation(len(train))[: min(n, len(train))]
     arrays = [resize_image(load_rgb(train[i].path), config.image_size) for i in sorted(picks.tolist())]
+    arrays += synthetic_defect_images(arrays, n_defects, seed)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
     return images, [str(train[i].path) for i in sorted(picks.tolist())]
+
+
+def score_test_split(config, nets: dict, out_path: Path, batch_size: int = 8) -> int:
+    """Patch scores of every net in ``nets`` (name -> module) on the run's dataset's TEST split, saved to
+    ``out_path`` (.npz: ``paths`` and one [N, 1, h, w] array per net) for the host to score. Evaluation
+    only: nothing here feeds back into the quantization."""
+    import numpy as np
+    import torch
+
+    from edgead.data import open_dataset, resize_image
+    from edgead.data.images import load_rgb
+
+    data = open_dataset(config.extra["dataset"])
+    outputs: dict[str, list] = {name: [] for name in nets}
+    for start in range(0, len(data.test), batch_size):
+        part = data.test[start : start + batch_size]
+        arrays = [resize_image(load_rgb(s.path), config.image_size) for s in part]
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.no_grad():
+            for name, net in nets.items():
+                device = next(net.parameters()).device
+                outputs[name].append(net(images.to(device)).cpu().numpy().astype(np.float32))
+        log(f"scored {min(start + batch_size, len(data.test))}/{len(data.test)} test images")
+    arrays = {name: np.concatenate(parts) for name, parts in outputs.items()}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial.npz")
+    np.savez(partial, paths=np.array([str(s.path) for s in data.test]), **arrays)
+    os.replace(partial, out_path)
+    return len(data.test)
 
 
 # ---- MCT ---------------------------------------------------------------------------------------------
@@ -491,6 +332,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import torch
 
+        from edgead.deploy.imx500_nets import OUTPUT_MEANINGS, SENSOR_NETS, build_sensor_net
+        from edgead.models.patchcore import exact_search
         from edgead.runs import load_run
 
         torch.manual_seed(0)
@@ -500,9 +343,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if config.model not in SENSOR_NETS:
             raise StageError(
                 "load",
-                f"the IMX500 target supports {' and '.join(SENSOR_NETS)} runs only, this run holds a "
-                f"'{config.model}' model (PatchCore and PaDiM search or invert large matrices that do not run "
+                f"the IMX500 target supports {', '.join(SENSOR_NETS)} runs only, this run holds a "
+                f"'{config.model}' model (PaDiM inverts a covariance matrix per position, which does not run "
                 "on the sensor)",
+            )
+        if config.model == "patchcore" and len(pipeline.head.memory_bank_) > args.max_bank_entries:
+            raise StageError(
+                "load",
+                f"this PatchCore run's memory bank holds {len(pipeline.head.memory_bank_)} entries, too many for "
+                f"the sensor (at most {args.max_bank_entries}): fit a sensor-sized bank with "
+                "`edgead fit DATASET --model patchcore -p bank_size=4096`",
+            )
+        if config.model == "patchcore" and pipeline.head.image_score != "map_max":
+            raise StageError(
+                "load",
+                "this PatchCore run scores images by the reweighted nearest neighbour, which needs the bank's "
+                "neighbours on the host: refit it with -p image_score=map_max for the sensor",
             )
         size = config.image_size
         summary.update(
@@ -511,6 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             layers=config.layers,
             image_size=size,
             dataset=config.extra.get("dataset"),
+            source_model_sha256=config.model_sha256,
             postprocess={
                 "upsample_to": [size, size],
                 "blur_sigma": config.blur_sigma,
@@ -522,14 +379,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
         summary["stage"] = "build"
-        net = timed("build_sensor_net", build_sensor_net, pipeline)
+        options = {"chunk_size": args.chunk_size} if config.model == "patchcore" else {}
+        net = timed("build_sensor_net", build_sensor_net, pipeline, **options)
         summary["params"] = int(sum(p.numel() for p in net.parameters()))
+        if config.model == "patchcore":
+            summary["memory_bank"] = {
+                "entries": int(len(pipeline.head.memory_bank_)),
+                "channels": int(pipeline.head.memory_bank_.shape[1]),
+                "chunk_size": args.chunk_size,
+                "chunks": len(net.chunks),
+            }
 
         summary["stage"] = "calibration_data"
-        log(f"loading {args.n_calibration} calibration images")
-        images, paths = timed("calibration_data", calibration_images, config, args.n_calibration, args.seed)
+        log(f"loading {args.n_calibration} calibration images (+ {args.n_defects} with synthetic defects)")
+        images, paths = timed(
+            "calibration_data", calibration_images, config, args.n_calibration, args.seed, args.n_defects
+        )
         summary["n_calibration"] = len(paths)
-        with torch.no_grad():
+        summary["n_calibration_defects"] = args.n_defects
+        summary["calibration"] = (
+            f"{len(paths)} images of the run's training split of train/good"
+            + (f" + {args.n_defects} synthetic-defect versions of them" if args.n_defects else "")
+            + " (never validation or test images)"
+        )
+        with torch.no_grad(), exact_search(pipeline.head):
             patch_scores = net(images[:1])
             reference = pipeline.head(pipeline.features(images[:1]))
         summary["input"] = {
@@ -571,6 +444,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise StageError(
                 "export_onnx", f"MCT could not export the quantized ONNX: {exc}", traceback.format_exc()
             ) from exc
+
+        summary["stage"] = "export_fakequant"
+        fake_path = out_dir / f"edgead_{config.model}.{FAKEQUANT_SUFFIX}"
+        log(f"exporting the same quantized graph as standard ONNX (QuantizeLinear/DequantizeLinear) to {fake_path}")
+        try:
+            timed(
+                "export_fakequant",
+                mct.exporter.pytorch_export_model,
+                quantized,
+                save_model_path=str(fake_path),
+                repr_dataset=representative_data,
+                serialization_format=mct.exporter.PytorchExportSerializationFormat.ONNX,
+                quantization_format=mct.exporter.QuantizationFormat.FAKELY_QUANT,
+            )
+        except Exception as exc:
+            raise StageError(
+                "export_fakequant", f"MCT could not export the fake-quantized ONNX: {exc}", traceback.format_exc()
+            ) from exc
+        summary["fakequant_onnx"] = fake_path.name
+
+        if args.score_test:
+            summary["stage"] = "score_test"
+            log("scoring the test split with the float and the MCT-quantized sensor graph (evaluation only)")
+            summary["test_images"] = timed(
+                "score_test", score_test_split, config, {"float": net, "int8": quantized}, Path(args.score_test)
+            )
+            summary["test_scores_file"] = str(Path(args.score_test).resolve())
 
         summary["stage"] = "convert"
         log("converting with imxconv-pt" + (" (memory report only)" if args.memory_report_only else ""))
@@ -633,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="where the ONNX, packerOut.zip, the reports and the summary go")
     parser.add_argument("--n-calibration", type=int, default=64, help="calibration images (default 64)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    parser.add_argument(
+        "--n-defects", type=int, default=0, help="synthetic-defect calibration images added (default 0)"
+    )
+    parser.add_argument("--chunk-size", type=int, default=1024, help="PatchCore bank entries per convolution")
+    parser.add_argument("--max-bank-entries", type=int, default=16384, help="largest PatchCore bank accepted")
+    parser.add_argument(
+        "--score-test", default=None, help="also score the test split (float and INT8) into this .npz"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration image choice")
     parser.add_argument("--converter", default=None, help="imxconv-pt executable (default: next to python)")
     parser.add_argument(

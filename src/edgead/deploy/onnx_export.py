@@ -123,6 +123,29 @@ def train_images(config: RunConfig, count: int, folder: str | Path | None = None
     return np.stack([resize_image(load_rgb(p), config.image_size) for p in paths[::step][:count]])
 
 
+def default_calibration_defects(config: RunConfig, count: int) -> int:
+    """Synthetic-defect images added to ``count`` normal calibration images by default: one in eight for a
+    sensor-sized PatchCore bank (its distances run in INT8 on the IMX500, and ranges calibrated on normal
+    images alone clip every anomaly to one ceiling), none for the other models (not shown to help them)."""
+    return count // 8 if config.model == "patchcore" and config.head.get("bank_size") else 0
+
+
+def calibration_set(
+    config: RunConfig, count: int, folder: str | Path | None = None, defects: int | None = None
+) -> np.ndarray:
+    """:func:`train_images` followed by ``defects`` synthetic-defect versions of them (edgead's anomaly
+    synthesis, seeded); ``defects`` None takes :func:`default_calibration_defects`. Never test images."""
+    from edgead.data.anomaly_synthesis import synthetic_defect_images
+
+    images = train_images(config, count, folder)
+    defects = default_calibration_defects(config, count) if defects is None else defects
+    if defects < 0:
+        raise EdgeadError(f"--calibration-defects must be non-negative, got {defects}")
+    if not defects:
+        return images
+    return np.concatenate([images, np.stack(synthetic_defect_images(list(images), defects, seed=0))])
+
+
 def validation_images(config: RunConfig) -> np.ndarray | None:
     """The run's held-out normal validation images (uint8 NHWC), the ones its threshold came from;
     None where the run's dataset is not on this machine or the run records no split."""
@@ -492,6 +515,9 @@ class ExportMetadata(BaseModel):
     int8_score_error: FloatText | None = None
     int8_rank_correlation: FloatText | None = None
     int8_head_weights: Literal["true"] | None = None
+    # An IMX500 sensor graph (MCT's quantized graph as QDQ ONNX): it outputs patch scores, which the host
+    # decoder turns into the map and the score (edgead.deploy.imx500_host)
+    sensor_graph: Literal["patch_scores"] | None = None
 
 
 def check_metadata(metadata: dict[str, str], source: Path) -> RunConfig:

@@ -83,6 +83,19 @@ def _onnx_input_dtype(metadata: dict[str, str]) -> str:
     return "uint8" if metadata.get("input_format", "").startswith("uint8") else "float32"
 
 
+def onnxruntime_session(path: str | Path, threads: int | None, level):  # noqa: ANN001, ANN201
+    """An ONNX Runtime CPU session of ``path`` at graph optimisation ``level``; a clear error if it cannot load."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.graph_optimization_level = level
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise EdgeadError(f"ONNX Runtime cannot load {path}: {exc}") from None
+
+
 class OnnxRuntimeInferencer(Inferencer):
     runtime = "onnxruntime"
 
@@ -91,16 +104,40 @@ class OnnxRuntimeInferencer(Inferencer):
 
         metadata = read_metadata(path)
         super().__init__(config_from_metadata(metadata, Path(path)), _onnx_input_dtype(metadata), metadata)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise EdgeadError(f"ONNX Runtime cannot load {path}: {exc}") from None
+        self.session = onnxruntime_session(path, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs}))
+
+
+class SensorGraphInferencer(OnnxRuntimeInferencer):
+    """An IMX500 sensor graph exported by ``edgead export --format imx500`` (MCT's quantized graph as QDQ ONNX):
+    ONNX Runtime computes its patch scores, the host decoder the map and score, as the camera's host does.
+
+    Graph optimisations are off: ONNX Runtime's QDQ fusions compute MCT's per-channel scales differently
+    (patch scores off by up to a third of the normal maximum), unfused it reproduces MCT's own simulation.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from edgead.deploy.imx500_host import SensorDecoder
+
+        metadata = read_metadata(path)
+        Inferencer.__init__(self, config_from_metadata(metadata, Path(path)), "float32", metadata)
+        self.session = onnxruntime_session(path, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        self.input_name = self.session.get_inputs()[0].name
+        config = self.config
+        self.decoder = SensorDecoder(
+            config.image_size, config.blur_sigma, config.threshold, config.score_min, config.score_max
+        )
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        results = [
+            self.decoder.decode(self.session.run(None, {self.input_name: image[None]})[0]) for image in inputs
+        ]  # the sensor graph is exported for batch 1, as the sensor runs it
+        maps = np.stack([r.anomaly_map for r in results])[:, None]
+        return maps, np.array([r.score for r in results], dtype=np.float32)
 
 
 class OpenVinoInferencer(Inferencer):
@@ -200,5 +237,9 @@ def load_inferencer(path: str | Path, runtime: str | None = None, threads: int |
     if runtime == "onnxruntime":
         if path.suffix == ".xml":
             raise EdgeadError(f"{path} is an OpenVINO IR: run it with --runtime openvino")
+        if read_metadata(path).get("sensor_graph"):
+            return SensorGraphInferencer(path, threads)
         return OnnxRuntimeInferencer(path, threads)
+    if path.suffix == ".onnx" and read_metadata(path).get("sensor_graph"):
+        raise EdgeadError(f"{path} is an IMX500 sensor graph: it runs on ONNX Runtime (--runtime onnxruntime)")
     return OpenVinoInferencer(path, threads)

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from edgead.deploy.onnx_export import (
+    calibration_set,
     check_parity,
     config_from_metadata,
     export_onnx,
     parity_images,
     read_metadata,
-    train_images,
     validation_images,
 )
 from edgead.deploy.tflite_file import LiteRtModel, native_stderr_silenced, write_tflite
@@ -254,8 +254,10 @@ def export_tflite(
     calibration_dir: str | Path | None = None,
     progress: bool = True,
     timeout: float | None = None,
+    defects: int | None = None,
 ) -> dict[str, Any]:
-    """Write ``out_dir/model.tflite`` (and with ``int8`` ``model.int8.tflite``); returns files and checks."""
+    """Write ``out_dir/model.tflite`` (and with ``int8`` ``model.int8.tflite``); returns files and checks.
+    ``defects``: synthetic-defect calibration images (see :func:`edgead.deploy.onnx_export.calibration_set`)."""
     from edgead.deploy.quantize import (
         FLOAT_STAGES_KEY,
         _float_stages_note,
@@ -277,7 +279,7 @@ def export_tflite(
         candidates: list[tuple[str, ...]] = []
         if int8:
             # uint8 NHWC: the .tflite input layout
-            images = train_images(config, calibration, calibration_dir)
+            images = calibration_set(config, calibration, calibration_dir, defects)
             validation = validation_images(config)
             has_validation = validation is not None and len(validation) > 0
             candidates = candidate_float_scopes(onnx_path) if has_validation else [float_scopes(onnx_path)]

@@ -206,6 +206,8 @@ class PatchCore(Head):
 
     Defaults: a 10% coreset (at most 20,000 entries, PatchCore's and anomalib's ratio; 2% cost screw 7
     points), faiss HNSW search with exact maxima, the anomaly map's maximum as the image score.
+    ``bank_size`` (None: off) reduces the fitted bank to that many entries by a second greedy coreset
+    over the whole bank: the sensor-sized bank that ``export --format imx500`` puts into the sensor graph.
     """
 
     name: ClassVar[str] = "patchcore"
@@ -224,6 +226,7 @@ class PatchCore(Head):
         ef_search: PositiveInt = 16,
         hnsw_neighbours: PositiveInt = 32,
         image_score: Literal["map_max", "reweighted"] = "map_max",
+        bank_size: PositiveInt | None = None,
     ) -> None:
         super().__init__()
         self.coreset_ratio = coreset_ratio
@@ -236,6 +239,7 @@ class PatchCore(Head):
         self.ef_search = ef_search
         self.hnsw_neighbours = hnsw_neighbours
         self.image_score = image_score
+        self.bank_size = bank_size
         self._index: NearestNeighbourIndex | None = None
         self._exact = False  # see exact_search()
 
@@ -251,6 +255,7 @@ class PatchCore(Head):
             "ef_search": self.ef_search,
             "hnsw_neighbours": self.hnsw_neighbours,
             "image_score": self.image_score,
+            "bank_size": self.bank_size,
         }
 
     @staticmethod
@@ -279,6 +284,11 @@ class PatchCore(Head):
         if coreset is None:
             raise DatasetError("PatchCore needs at least one training image")
         bank = coreset.finish().contiguous()
+        if self.bank_size is not None and len(bank) > self.bank_size:
+            # The same greedy k-center rule once more, over the whole bank: a bank small enough for a
+            # sensor (4096 entries fit the IMX500's 8 MB) that still covers every region of the pool.
+            keep = greedy_coreset(bank, self.bank_size, self.projection_dim, self.seed, progress=progress)
+            bank = bank[keep].contiguous()
         # Each bank entry's neighbours in the bank (itself first), for the image-score reweighting only.
         k = min(self.num_neighbours, len(bank))
         if self.image_score == "reweighted":
