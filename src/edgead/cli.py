@@ -347,7 +347,7 @@ def export(
         int | None,
         typer.Option(
             help="Synthetic-defect versions of calibration images added to the INT8 calibration set (default: "
-            "one in eight for a sensor-sized PatchCore bank, -p bank_size, none otherwise).",
+            "one in eight for PatchCore on the IMX500 and for PatchCore runs with -p bank_size, none otherwise).",
         ),
     ] = None,
     calibration_dir: Annotated[

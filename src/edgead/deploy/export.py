@@ -49,7 +49,8 @@ def export_run(
     ``qat``: fine-tune the run with fake quantization first (:mod:`edgead.deploy.qat`, saved as
     ``out_dir/qat_run``) and export that; the INT8 file is then post-training quantized from QAT weights.
     ``calibration_defects``: synthetic-defect images added to the calibration images (every INT8 path, the
-    IMX500 included); None: one in eight for a sensor-sized PatchCore bank, none otherwise."""
+    IMX500 included); None: one in eight for PatchCore on the IMX500 and for a PatchCore run with
+    ``-p bank_size``, none otherwise."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
     if not 1 <= calibration <= 10000:

@@ -132,7 +132,7 @@ def export_imx500(
         raise EdgeadError(
             f"{run_dir} holds a '{config.model}' model: the IMX500 target supports {', '.join(SUPPORTED_MODELS)} "
             "only (their whole inference is convolutions and channel reductions; PaDiM is not a sensor graph). "
-            "Fit one with `edgead fit DATASET --model patchcore -p bank_size=4096`"
+            "Fit one with `edgead fit DATASET --model patchcore`"
         )
     if config.model == "patchcore" and (config.head.get("bank_size") or 0) > SENSOR_BANK_LIMIT:
         raise EdgeadError(
@@ -232,6 +232,62 @@ def label_sensor_graph(path: Path, run_dir: Path, config, summary: dict[str, Any
     write_metadata(path, metadata)
 
 
+class _SensorOutputs:
+    """A predictor that answers with saved sensor outputs, decoded on the host, in the order they were saved
+    (the test split's); lets :func:`edgead.inference.predict_samples` gather labels and masks as for any model."""
+
+    def __init__(self, patch_scores, decoder) -> None:  # noqa: ANN001
+        self.image_size = decoder.image_size
+        self._decoder = decoder
+        self._patch_scores = patch_scores
+        self._next = 0
+
+    def eval(self) -> _SensorOutputs:
+        return self
+
+    def predict(self, images):  # noqa: ANN001, ANN201
+        import numpy as np
+        import torch
+
+        part = self._patch_scores[self._next : self._next + len(images)]
+        self._next += len(images)
+        decoded = [self._decoder.decode(p) for p in part]
+        maps = np.stack([d.anomaly_map for d in decoded])[:, None]
+        return torch.from_numpy(maps), torch.tensor([d.score for d in decoded])
+
+
+def evaluate_sensor_outputs(run_dir: str | Path, scores_file: str | Path) -> dict[str, dict[str, Any]]:
+    """Metrics of the sensor graph's test-split outputs that ``export_imx500(score_test=...)`` saved.
+
+    Each saved set of patch scores (``float``: the sensor graph in float; ``int8``: MCT's quantized
+    graph) goes through the host decoder (:class:`~edgead.deploy.imx500_host.SensorDecoder`, with the
+    run's threshold), then the same metrics as ``edgead test``. Returns one metrics dict per set.
+    """
+    import numpy as np
+
+    from edgead.data import open_dataset
+    from edgead.deploy.imx500_host import SensorDecoder
+    from edgead.evaluation import check_finite_scores, score_predictions
+    from edgead.inference import predict_samples
+
+    config = read_config(run_dir)
+    try:
+        saved = np.load(scores_file, allow_pickle=False)
+        arrays = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError) as exc:
+        raise EdgeadError(f"{scores_file} is not a sensor scores file: {exc}") from None
+    data = open_dataset(config.extra["dataset"])
+    if [str(s.path) for s in data.test] != arrays.pop("paths").tolist():
+        raise EdgeadError(f"{scores_file} does not hold this dataset's test images in order: re-export to score")
+    decoder = SensorDecoder(config.image_size, config.blur_sigma, config.threshold, config.score_min, config.score_max)
+    results = {}
+    for name, patch_scores in arrays.items():
+        predictions = predict_samples(_SensorOutputs(patch_scores, decoder), data.test, progress=False)
+        check_finite_scores(predictions.scores, predictions.maps, f"the {name} sensor graph on {data.name}")
+        results[name] = score_predictions(predictions, config)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m edgead.deploy.imx500 RUN OUT [N]``: a thin entry point until the CLI has the target."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -253,48 +309,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def evaluate_sensor_outputs(run_dir: str | Path, scores_file: str | Path) -> dict[str, dict[str, Any]]:
-    """Metrics of the sensor graph's test-split outputs that ``export_imx500(score_test=...)`` saved.
-
-    Each saved set of patch scores (``float``: the sensor graph in float; ``int8``: MCT's quantized
-    graph) goes through the host decoder (:class:`~edgead.deploy.imx500_host.SensorDecoder`, with the
-    run's threshold), then the same metrics as ``edgead test``. Returns one metrics dict per set.
-    """
-    import numpy as np
-
-    from edgead.data import make_loader, open_dataset
-    from edgead.deploy.imx500_host import SensorDecoder
-    from edgead.evaluation import check_finite_scores, score_predictions
-    from edgead.inference import Predictions
-
-    config = read_config(run_dir)
-    try:
-        saved = np.load(scores_file, allow_pickle=False)
-        arrays = {name: saved[name] for name in saved.files}
-    except (OSError, ValueError) as exc:
-        raise EdgeadError(f"{scores_file} is not a sensor scores file: {exc}") from None
-    data = open_dataset(config.extra["dataset"])
-    if [str(s.path) for s in data.test] != arrays.pop("paths").tolist():
-        raise EdgeadError(f"{scores_file} does not hold this dataset's test images in order: re-export to score")
-    labels, masks, has_masks = [], [], []
-    for batch in make_loader(list(data.test), config.image_size, batch_size=16):
-        labels.append(np.asarray(batch["label"]))
-        masks.append(batch["mask"][:, 0].numpy() > 0.5)
-        has_masks.append(np.asarray(batch["has_mask"], dtype=bool))
-    decoder = SensorDecoder(config.image_size, config.blur_sigma, config.threshold, config.score_min, config.score_max)
-    results = {}
-    for name, patch_scores in arrays.items():
-        decoded = [decoder.decode(p) for p in patch_scores]
-        predictions = Predictions(
-            samples=list(data.test),
-            scores=np.array([d.score for d in decoded]),
-            maps=np.stack([d.anomaly_map for d in decoded]),
-            labels=np.concatenate(labels).astype(int),
-            masks=np.concatenate(masks),
-            has_masks=np.concatenate(has_masks),
-        )
-        check_finite_scores(predictions.scores, predictions.maps, f"the {name} sensor graph on {data.name}")
-        results[name] = score_predictions(predictions, config)
-    return results

@@ -84,11 +84,18 @@ class StageError(Exception):
 # ---- calibration and test data -------------------------------------------------------------------------
 
 
+def as_images(arrays):
+    """uint8 HxWx3 arrays -> one float [N, 3, H, W] tensor in 0..1 (the sensor net's input)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def calibration_images(config, n: int, seed: int = 0, n_defects: int = 0):
     """``n`` images from the run's training split of train/good (never validation or test), 0..1, followed
     by ``n_defects`` synthetic-defect versions of them (keeps anomalous distances inside the INT8 range)."""
     import numpy as np
-    import torch
 
     from edgead.data import open_dataset, resize_image, split_validation
     from edgead.data.anomaly_synthesis import synthetic_defect_images
@@ -112,8 +119,7 @@ def calibration_images(config, n: int, seed: int = 0, n_defects: int = 0):
     picks = rng.permutation(len(train))[: min(n, len(train))]
     arrays = [resize_image(load_rgb(train[i].path), config.image_size) for i in sorted(picks.tolist())]
     arrays += synthetic_defect_images(arrays, n_defects, seed)
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-    return images, [str(train[i].path) for i in sorted(picks.tolist())]
+    return as_images(arrays), [str(train[i].path) for i in sorted(picks.tolist())]
 
 
 def score_test_split(config, nets: dict, out_path: Path, batch_size: int = 8) -> int:
@@ -130,8 +136,7 @@ def score_test_split(config, nets: dict, out_path: Path, batch_size: int = 8) ->
     outputs: dict[str, list] = {name: [] for name in nets}
     for start in range(0, len(data.test), batch_size):
         part = data.test[start : start + batch_size]
-        arrays = [resize_image(load_rgb(s.path), config.image_size) for s in part]
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        images = as_images([resize_image(load_rgb(s.path), config.image_size) for s in part])
         with torch.no_grad():
             for name, net in nets.items():
                 device = next(net.parameters()).device
@@ -537,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         "--n-defects", type=int, default=0, help="synthetic-defect calibration images added (default 0)"
     )
     parser.add_argument("--chunk-size", type=int, default=1024, help="PatchCore bank entries per convolution")
-    parser.add_argument("--max-bank-entries", type=int, default=16384, help="largest PatchCore bank accepted")
+    parser.add_argument("--max-bank-entries", type=int, default=24576, help="largest PatchCore bank accepted")
     parser.add_argument(
         "--score-test", default=None, help="also score the test split (float and INT8) into this .npz"
     )
