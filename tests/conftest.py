@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +60,71 @@ def require_shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"{SHARED_DATASETS} is absent")
     return SHARED_DATASETS
+
+
+def write_sealed_config(run_dir: Path, config: dict) -> None:
+    """Write ``config`` as the run's config.json with a valid seal: what edgead itself would write, for tests
+    that need a run whose settings differ (another model's head, a moved dataset) past the seal check."""
+    from edgead.integrity import seal
+    from edgead.runs import CONFIG_FILE, SEAL_KEY
+
+    (run_dir / CONFIG_FILE).write_text(json.dumps(seal(config, SEAL_KEY)))
+
+
+# --- the `edgead` command as a user runs it (shared by the bad-input tests) ---------------------------------
+
+
+def edgead(*args: str | os.PathLike | bytes, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgead", *(a if isinstance(a, bytes) else str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def edgead_inprocess(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """The same command through ``edgead.cli.main`` in this process: for the many option cases that must
+    fail before any work (one subprocess per class checks the real process too)."""
+    from edgead.cli import main
+
+    capsys.readouterr()
+    argv, sys.argv = sys.argv, ["edgead", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def assert_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """Exactly one `error:` line on stderr, no traceback, the expected exit code; returns the line."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.returncode == code, (result.returncode, result.stderr)
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def padim_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small, fast PaDiM run (64 px) that tests may copy and damage."""
+    run = tmp_path_factory.mktemp("reliability") / "padim"
+    result = edgead("fit", synthetic_dataset, "--model", "padim", "--image-size", "64", "--out", run)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
+    target = tmp_path / name
+    shutil.copytree(run, target)
+    return target

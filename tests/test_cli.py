@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_sealed_config
 
 
 def edgead(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -82,7 +84,7 @@ def test_run_folder_from_another_model_or_tool(fitted_run: Path, tmp_path: Path)
     mixed = tmp_path / "mixed"
     shutil.copytree(fitted_run, mixed)
     text = (mixed / "config.json").read_text().replace('"model": "patchcore"', '"model": "padim"')
-    (mixed / "config.json").write_text(text)
+    write_sealed_config(mixed, json.loads(text))
     assert_clean_error(edgead("predict", mixed, fitted_run / "config.json"), "padim")
 
 

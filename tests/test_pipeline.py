@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_sealed_config
 
 from edgead.errors import DatasetError, RunFolderError
 from edgead.evaluation import evaluate_run
@@ -64,7 +65,7 @@ def test_run_folder_errors(fitted_run: Path, tmp_path: Path):
     shutil.copytree(fitted_run, other)
     config = json.loads((other / "config.json").read_text())
     config["model"], config["head"] = "padim", {}
-    (other / "config.json").write_text(json.dumps(config))
+    write_sealed_config(other, config)
     with pytest.raises(RunFolderError, match="another model"):
         load_run(other)
     with pytest.raises(RunFolderError, match="not 'padim'"):
@@ -77,7 +78,7 @@ def test_runs_record_the_aggregation_border_and_old_runs_keep_theirs(fitted_run:
     old = tmp_path / "old"
     shutil.copytree(fitted_run, old)
     del config["aggregation_border"]  # a run written before the field existed
-    (old / "config.json").write_text(json.dumps(config))
+    write_sealed_config(old, config)
     pipeline, loaded = load_run(old)
     assert loaded.aggregation_border == "valid" and pipeline.backbone.aggregation_border == "valid"
     assert pipeline.backbone.pool.count_include_pad is False

@@ -17,66 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_error, copy_run, edgead, edgead_inprocess, write_sealed_config
 from safetensors.torch import load_file, save_file
 
 from edgead.backbones.weights import sha256_of
-
-
-def edgead(*args: str | os.PathLike | bytes, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgead", *(a if isinstance(a, bytes) else str(a) for a in args)],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        cwd=cwd,
-        timeout=600,
-    )
-
-
-def edgead_inprocess(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """The same command through ``edgead.cli.main`` in this process: for the many option cases that must
-    fail before any work (one subprocess per class checks the real process too)."""
-    from edgead.cli import main
-
-    capsys.readouterr()
-    argv, sys.argv = sys.argv, ["edgead", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
-def assert_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    """Exactly one `error:` line on stderr, no traceback, the expected exit code; returns the line."""
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert result.returncode == code, (result.returncode, result.stderr)
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def padim_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small, fast PaDiM run (64 px) that tests may copy and damage."""
-    run = tmp_path_factory.mktemp("reliability") / "padim"
-    result = edgead("fit", synthetic_dataset, "--model", "padim", "--image-size", "64", "--out", run)
-    assert result.returncode == 0, result.stderr
-    return run
-
-
-def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
-    target = tmp_path / name
-    shutil.copytree(run, target)
-    return target
-
 
 # --- output paths are checked before the work, and finished work is never lost ----------------------
 
@@ -270,7 +214,7 @@ def nan_run(padim_run: Path, tmp_path: Path) -> Path:
     save_file(tensors, str(run / "model.safetensors"))
     config = json.loads((run / "config.json").read_text())
     config["model_sha256"] = sha256_of(run / "model.safetensors")
-    (run / "config.json").write_text(json.dumps(config))
+    write_sealed_config(run, config)
     return run
 
 
@@ -329,7 +273,7 @@ def test_prune_names_the_option_it_asks_for(padim_run: Path, tmp_path: Path):
     run = copy_run(padim_run, tmp_path)
     config = json.loads((run / "config.json").read_text())
     config["extra"]["dataset"] = str(tmp_path / "moved_away")
-    (run / "config.json").write_text(json.dumps(config))
+    write_sealed_config(run, config)
     assert_error(edgead("prune", run, "--out", tmp_path / "pruned"), 1, "--dataset")
 
 

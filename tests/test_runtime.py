@@ -129,6 +129,75 @@ def test_region_file_errors(tmp_path: Path):
         PrivacyFilter(blur="licence-plates")
 
 
+def regions_file(tmp_path: Path, polygons: list, name: str = "regions.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps({"polygons": polygons}))  # NaN and infinity are written as JSON's NaN, Infinity
+    return path
+
+
+@pytest.mark.filterwarnings("error")  # no RuntimeWarning may leak, whatever the file holds
+def test_region_files_with_impossible_polygons_are_refused_at_load(tmp_path: Path):
+    square = [[10, 10], [50, 10], [50, 50], [10, 50]]
+    cases = {
+        "huge coordinates": ([square, [[0, 0], [1e12, 0], [1e12, 1e12]]], r"polygon 1 has a coordinate of 1e\+12"),
+        "just past the bound": ([[[0, 0], [100_001, 0], [0, 10]]], r"polygon 0 .* beyond the \+-100000"),
+        "NaN": ([[[0, 0], [float("nan"), 5], [5, 5]]], "polygon 0 has a NaN or infinite coordinate"),
+        "infinity": ([[[0, 0], [float("inf"), 5], [5, 5]]], "polygon 0 has a NaN or infinite coordinate"),
+        "two points": ([[[0, 0], [5, 5]]], "polygon 0 must be a list of at least 3"),
+        "collinear": ([square, [[0, 0], [5, 5], [10, 10], [20, 20]]], "polygon 1 has zero area"),
+        "one point repeated": ([[[3, 3], [3, 3], [3, 3]]], "polygon 0 has zero area"),
+        "text coordinates": ([[["0", "0"], ["5", "0"], ["5", "5"]]], "polygon 0 must be a list"),
+    }
+    for polygons, message in cases.values():
+        with pytest.raises(PrivacyError, match=message):
+            PrivacyFilter(regions=regions_file(tmp_path, polygons))
+
+
+@pytest.mark.filterwarnings("error")
+def test_regions_that_cover_no_pixel_of_the_frame_are_refused(tmp_path: Path):
+    frame = checkerboard(96, 128)
+    outside = [[1000, 1000], [2000, 1000], [2000, 2000]]
+    inside = [[10, 10], [50, 10], [50, 50]]
+    left = [[-100, 0], [-1, 0], [-1, 90]]  # touches no pixel centre
+    with pytest.raises(PrivacyError, match="its polygon covers no pixel of the 128x96 frame"):
+        PrivacyFilter(regions=regions_file(tmp_path, [outside])).apply(frame)
+    with pytest.raises(PrivacyError, match="no polygon covers any pixel of the 128x96 frame"):
+        PrivacyFilter(regions=regions_file(tmp_path, [outside, left])).apply(frame)
+    with pytest.raises(PrivacyError, match="polygons 0, 2 cover no pixel of the 128x96 frame"):
+        PrivacyFilter(regions=regions_file(tmp_path, [left, inside, outside])).apply(frame)
+    # The same file is fine for a frame it does cover, and refused for a smaller one.
+    privacy = PrivacyFilter(regions=regions_file(tmp_path, [[[100, 80], [120, 80], [120, 90]]]))
+    assert privacy.apply(frame)[1] > 0
+    with pytest.raises(PrivacyError, match="64x48 frame"):
+        privacy.apply(frame[:48, :64])
+
+
+@pytest.mark.filterwarnings("error")
+def test_polygons_partly_outside_are_clipped_and_blur_the_inside(tmp_path: Path):
+    frame = checkerboard(96, 128)
+    privacy = PrivacyFilter(regions=regions_file(tmp_path, [[[-50, -50], [50, -50], [50, 50], [-50, 50]]]))
+    blurred, pixels = privacy.apply(frame)
+    assert pixels == 51 * 51  # pixel centres 0..50 on both axes
+    mask = privacy.mask(frame)
+    assert mask[:51, :51].all() and mask.sum() == pixels
+    assert np.array_equal(blurred[~mask], frame[~mask])  # nothing outside the polygon is touched
+    assert np.abs(np.diff(blurred[5:45, 5:45].astype(float), axis=1)).mean() < 5  # the checkerboard is gone
+    # Huge but allowed coordinates around the frame cover all of it, without overflowing OpenCV.
+    whole = PrivacyFilter(regions=regions_file(tmp_path, [[[-1e5, -1e5], [1e5, -1e5], [0, 1e5]]]))
+    assert whole.apply(frame)[1] == 96 * 128
+
+
+def test_regions_outside_every_frame_stop_the_loop_with_one_error(tmp_path: Path, fitted_run: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(checkerboard(96, 128)).save(images / name)
+    regions = regions_file(tmp_path, [[[500, 500], [600, 500], [600, 600]]])
+    with pytest.raises(PrivacyError, match="covers no pixel of the 128x96 frame"):
+        run_stream(fitted_run, [images], tmp_path / "out", blur_regions=regions, progress=False)
+    assert not list((tmp_path / "out").rglob("*.png"))  # no frame was written as if it were blurred
+
+
 def test_face_detector_finds_and_blurs_a_real_face():
     face = np.asarray(Image.open(DATA / "astronaut_160.png").convert("RGB"))
     boxes = FaceDetector().detect(face)

@@ -178,6 +178,43 @@ def test_bad_tflite_files_are_one_clear_error(edgead_tflite: Path, fitted_run: P
         load_inferencer(other, runtime="litert")
 
 
+def rewrite_tflite_metadata(path: Path, out: Path, change) -> Path:  # noqa: ANN001
+    """A copy of ``path`` whose edgead metadata JSON is ``change(metadata)``, the flatbuffer otherwise as it was."""
+    import json
+
+    model = flatbuffer_utils.read_model(str(path))
+    entry = next(m for m in model.metadata if m.name in (b"edgead", "edgead"))
+    metadata = json.loads(bytes(model.buffers[entry.buffer].data).decode())
+    model.buffers[entry.buffer].data = np.frombuffer(json.dumps(change(metadata)).encode(), np.uint8)
+    flatbuffer_utils.write_model(model, str(out))
+    return out
+
+
+def test_tampered_tflite_metadata_is_refused(edgead_tflite: Path, tmp_path: Path):
+    from edgead.deploy.onnx_export import seal_metadata
+
+    def raise_threshold(metadata: dict) -> dict:
+        return {**metadata, "threshold": repr(float(metadata["score_max"]))}  # every defect "normal"
+
+    def drop_hash_and_reseal(metadata: dict) -> dict:
+        return seal_metadata({k: v for k, v in metadata.items() if k != "weights_sha256"})
+
+    def name_another_run(metadata: dict) -> dict:
+        return {**metadata, "source_run": str(tmp_path / "another_run")}
+
+    for change, message in (
+        (raise_threshold, "edited or damaged"),
+        (drop_hash_and_reseal, "no valid weights_sha256"),
+        (name_another_run, "edited or damaged"),
+    ):
+        bad = rewrite_tflite_metadata(edgead_tflite, tmp_path / f"{change.__name__}.tflite", change)
+        with pytest.raises(EdgeadError, match=message):
+            load_inferencer(bad)
+    upper = tmp_path / "MODEL.TFLITE"
+    upper.write_bytes(edgead_tflite.read_bytes())
+    assert load_inferencer(upper).runtime == "litert"  # the suffix is recognised whatever its case
+
+
 def test_missing_converter_environment_is_one_clear_error(
     fitted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

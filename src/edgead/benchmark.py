@@ -277,6 +277,7 @@ def run_benchmark(
         )
         create_head(model, **(hyperparameters or {}).get(model, {}))
     paths = expand_datasets(datasets)
+    check_benchmark_inputs(paths, runtimes)
     earlier = earlier_rows(compare, {label for label, _ in paths})
     report = BenchmarkReport(out_markdown, models, backbone, image_size, command, notes, runtimes, hardware)
     report.earlier = earlier
@@ -312,6 +313,25 @@ def run_benchmark(
             f"the {len(report.rows)} rows that finished are written"
         )
     return report.rows
+
+
+def check_benchmark_inputs(paths: Sequence[tuple[str, Path]], runtimes: Sequence[str]) -> None:
+    """Before the first fit: every dataset has training and test images, every runtime's converter is here."""
+    for label, path in paths:
+        dataset = open_dataset(path)
+        if not dataset.train or not dataset.test:
+            missing = "train/good" if not dataset.train else "test"
+            raise DatasetError(f"dataset {label} ({path}) has no {missing} images: a benchmark fits and tests on both")
+    if any(r.startswith("litert") for r in runtimes):
+        from edgead.deploy.tflite import converter_python
+
+        converter_python()  # a missing LiteRT converter environment: its setup command, now
+    if any(r.startswith("openvino") for r in runtimes):
+        for module in ("openvino", "nncf") if "openvino-int8" in runtimes else ("openvino",):
+            try:
+                __import__(module)
+            except ImportError:
+                raise EdgeadError(f"--runtimes openvino needs the '{module}' package: pip install {module}") from None
 
 
 def earlier_rows(paths: Sequence[str | Path], datasets: set[str]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ Errors a user can cause are printed as one line (no traceback) with a non-zero e
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -364,6 +365,12 @@ def export(
             "fake INT8 quantization into OUT/qat_run and export that.",
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Write into --out although it holds other files or another run's export (same names replaced)."
+        ),
+    ] = False,
 ) -> None:
     """Export a run to one static graph (ONNX opset 17, OpenVINO IR, or IMX500 packerOut.zip)."""
     from edgead.deploy.export import export_run
@@ -378,6 +385,7 @@ def export(
         input_dtype="float32" if float_input else "uint8",
         qat=qat,
         calibration_defects=calibration_defects,
+        force=force,
     )
     if "parity_max_abs_diff_map" in report:
         typer.echo(
@@ -465,12 +473,26 @@ def serve(
     api_key_file: Annotated[
         Path | None, typer.Option(help="File holding the key clients must send (X-API-Key); none: no key.")
     ] = None,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may take to send complete request headers (else closed).")
+    ] = 10.0,
+    max_client_connections: Annotated[
+        int, typer.Option(help="Open connections per client address and worker; one more gets a 503.")
+    ] = 8,
 ) -> None:
     """Serve runs over HTTP to edge devices: images or compressed features in, score and decision out."""
-    from edgead.edge.server import serve as serve_runs
+    from pydantic import ValidationError
 
-    typer.echo(f"serving {', '.join(runs)} on http://{host}:{port} with {workers} worker(s); Ctrl-C stops")
-    serve_runs(runs, host=host, port=port, workers=workers, api_key_file=api_key_file)
+    from edgead.edge.server import Limits
+    from edgead.edge.server import serve as serve_runs
+    from edgead.validation import describe
+
+    try:
+        limits = Limits(header_timeout_s=header_timeout, max_connections_per_client=max_client_connections)
+    except ValidationError as exc:
+        raise UsageError(f"--header-timeout / --max-client-connections: {describe(exc)}") from None
+    serve_runs(runs, host=host, port=port, workers=workers, api_key_file=api_key_file, limits=limits,
+               announce=typer.echo)
 
 
 @app.command()
@@ -723,13 +745,27 @@ def version() -> None:
     typer.echo(__version__)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every atomic write removes its temporary file and the
+    previous output stays (a BaseException: click turns KeyboardInterrupt into its own exit)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
-    """Run the CLI: input errors exit 1 and usage errors 2, each with one ``error:`` line; Ctrl-C exits 130."""
+    """Run the CLI: input errors exit 1 and usage errors 2, each with one ``error:`` line; Ctrl-C exits 130,
+    SIGTERM 143, both after the writes in progress are undone."""
     for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: print their bytes as \xNN
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
+    except Terminated:
+        typer.echo("terminated", err=True)
+        sys.exit(143)
     except UsageError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -31,6 +31,10 @@ class UsageError(EdgeadError):
     """An option or argument has a wrong value (exit code 2, like the CLI parser's own usage errors)."""
 
 
+class SizeError(UsageError, ValueError):
+    """A size-like option is too large for the image size or for memory (also a ValueError, as before)."""
+
+
 class OutputError(EdgeadError):
     """An output path cannot be written, or writing it would replace something that is not ours."""
 

@@ -13,10 +13,10 @@ import numpy as np
 
 from edgead.data.datasets import open_dataset
 from edgead.data.images import load_rgb, resize_image
-from edgead.errors import DatasetError, NonFiniteError
+from edgead.errors import DatasetError, EdgeadError, NonFiniteError
 from edgead.inference import Predictions, Predictor, predict_samples
 from edgead.metrics import evaluate, normalize_scores
-from edgead.outputs import atomic_dir, check_output_dir
+from edgead.outputs import atomic_dir, check_output_dir, check_outside
 from edgead.reporting import (
     save_heatmap_examples,
     save_pixel_roc_plot,
@@ -116,6 +116,7 @@ def evaluate_run(
     data = open_dataset(dataset)
     if not data.test:
         raise DatasetError(f"{data.root} has no test images: nothing to evaluate")
+    check_outside(out_dir, data.root, "--out", "the dataset")
     predictions = predict_samples(pipeline, data.test, batch_size=batch_size, progress=progress)
     check_finite_scores(predictions.scores, predictions.maps, f"{config.model} on {data.name}")
     metrics = score_predictions(predictions, config)
@@ -156,18 +157,21 @@ def compare_with_source_run(
 ) -> dict[str, Any]:
     """fp32 AUROC of the run an INT8 file was exported from, and the change; {} where that run is gone.
 
-    The file records the sha256 of its run's model: a run folder refitted since the export holds
-    another model, and comparing with it would be meaningless, so it is refused with a warning.
+    The file records its run's identity (:meth:`RunConfig.identity`: weights' hash, threshold, settings): a
+    run folder refitted or changed since the export, or another run the metadata names, is another model;
+    comparing with it would be meaningless, so it is refused with a note.
     """
     source = metadata.get("source_run")
     if not source or not Path(source, "config.json").is_file():
         return {}
-    expected = metadata.get("source_model_sha256")
-    recorded = read_config(source).model_sha256
-    if not expected or expected != recorded:
+    try:
+        recorded = read_config(source).identity()
+    except EdgeadError as exc:
+        return {"fp32_comparison_refused": f"the run {source} cannot be read ({exc})"}
+    if recorded != metadata.get("source_run_sha256"):
         return {
-            "fp32_comparison_refused": f"the run {source} holds another model than the one this file was "
-            "exported from (refitted since the export?): re-export it to compare"
+            "fp32_comparison_refused": f"the run {source} is not the one this file was exported from "
+            "(refitted or changed since the export?): re-export it to compare"
         }
     reference = predict_samples(load_run(source)[0], data.test, batch_size, progress, "fp32 reference")
     fp32 = score_predictions(reference, config)

@@ -98,6 +98,16 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = (), o
     return path
 
 
+def check_outside(path: str | os.PathLike, folder: str | os.PathLike, option: str, what: str) -> None:
+    """Refuse an output inside an input folder: its images would be read as input by the next run."""
+    out, inside = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if out == inside or inside in out.parents:
+        raise OutputError(
+            f"{option} {path} lies inside {what} {folder}: the images written there would be read as input next "
+            "time; choose a folder outside it"
+        )
+
+
 def check_work_dir(path: str | os.PathLike, option: str) -> Path:
     """A folder that edgead fills with its own files (e.g. --runs-dir): not a file, and writable."""
     path = as_output_path(path, option)

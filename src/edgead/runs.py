@@ -29,14 +29,16 @@ from edgead import __version__
 from edgead.backbones import BACKBONES, create_backbone
 from edgead.backbones.weights import sha256_of
 from edgead.errors import EdgeadError, NonFiniteError, RunFolderError
+from edgead.integrity import canonical_sha256, check_seal, require_hash, seal
 from edgead.models import HEADS, Pipeline, create_head, create_pipeline
-from edgead.outputs import atomic_dir, check_output_dir, default_file_mode
+from edgead.outputs import atomic_dir, atomic_write_text, check_output_dir, default_file_mode
 from edgead.validation import describe
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "edgead-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json is sealed (edgead.integrity); runs of format 1 are refused
+SEAL_KEY = "config_sha256"  # the seal of every other field of config.json
 # Head settings whose default changed after runs were saved without them (they keep what they had).
 LEGACY_HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "patchcore": {"image_score": "reweighted"},
@@ -80,6 +82,7 @@ class RunExtra(TypedDict, total=False):
     weights_path: str | None
     pruned_channels: dict[str, dict[str, Annotated[int, Field(ge=1)]]]
     pruning: dict[str, Any]
+    codebook_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]  # the run's PQ codebook (edge.pq)
 
 
 class RunConfig(BaseModel):
@@ -120,9 +123,15 @@ class RunConfig(BaseModel):
         return self
 
     def to_json(self) -> dict[str, Any]:
+        """config.json's contents, sealed: every field, then ``config_sha256`` over all of them."""
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgead_version": __version__}
-        data.update(self.model_dump())
-        return data
+        data.update(self.model_dump(mode="json"))
+        return seal(data, SEAL_KEY)
+
+    def identity(self) -> str:
+        """sha256 of everything that decides (weights' hash, threshold, normalisation, preprocessing, head):
+        an exported file records its run's, and is compared only with a run of the same identity."""
+        return canonical_sha256(self.model_dump(mode="json"))
 
     @classmethod
     def from_json(cls, data: Any, source: Path) -> RunConfig:
@@ -131,9 +140,12 @@ class RunConfig(BaseModel):
         if data.get("format_version") != FORMAT_VERSION:
             raise RunFolderError(
                 f"{source} has run format version {data.get('format_version')!r}, this edgead reads "
-                f"{FORMAT_VERSION}: refit the model with this version"
+                f"{FORMAT_VERSION} (runs of format 1 have no seal over their threshold and settings): refit "
+                "the model with this version"
             )
-        fields = {k: v for k, v in data.items() if k not in ("format", "format_version", "edgead_version")}
+        fields = {
+            k: v for k, v in data.items() if k not in ("format", "format_version", "edgead_version", SEAL_KEY)
+        }
         try:
             config = cls.model_validate(fields)
         except ValidationError as exc:
@@ -144,6 +156,10 @@ class RunConfig(BaseModel):
             create_head(config.model, **config.head)
         except EdgeadError as exc:
             raise RunFolderError(f"{source}: {exc}") from None
+        # Types first (a malformed value is named), then the seal: any well-formed edit is refused too.
+        remedy = "restore the file or refit the model (the threshold is set by `edgead fit`, never by hand)"
+        check_seal(data, SEAL_KEY, source, remedy)
+        require_hash(data, "model_sha256", source, remedy)
         return config
 
 
@@ -202,6 +218,11 @@ def save_run(pipeline: Pipeline, config: RunConfig, run_dir: str | Path, force: 
     return run_dir
 
 
+def update_config(run_dir: str | Path, config: RunConfig) -> None:
+    """Rewrite a run's config.json (sealed, atomically) after edgead added to the run, e.g. its PQ codebook."""
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(config.to_json(), indent=2) + "\n")
+
+
 def read_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -251,7 +272,7 @@ def load_run(run_dir: str | Path, expect_model: str | None = None) -> tuple[Pipe
     weights_path = run_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise RunFolderError(f"{run_dir} has no {WEIGHTS_FILE}: the fit did not finish, refit the model")
-    if config.model_sha256 is not None and sha256_of(weights_path) != config.model_sha256:
+    if sha256_of(weights_path) != config.model_sha256:
         raise RunFolderError(
             f"{weights_path} does not match the sha256 recorded in {CONFIG_FILE}: the file was changed or "
             "damaged since the fit; restore it or refit the model"

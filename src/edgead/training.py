@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from edgead.data.datasets import AnomalyDataset, load_normal_images, open_dataset, split_validation
 from edgead.errors import DatasetError, NonFiniteError, UsageError
@@ -21,9 +21,9 @@ from edgead.inference import iter_features, predict_samples
 from edgead.metrics import threshold_from_normal
 from edgead.models import Pipeline, create_head, create_pipeline
 from edgead.models.base import TrainableHead
-from edgead.outputs import check_output_dir
+from edgead.outputs import check_output_dir, check_outside
 from edgead.runs import CONFIG_FILE, BackboneName, ImageSize, ModelName, RunConfig, StageIndex, save_run
-from edgead.validation import OpenRatio, PositiveInt, Ratio, Seed, describe
+from edgead.validation import MEMORY_LIMIT_GIB, BatchSize, OpenRatio, Ratio, Seed, describe
 
 
 class FitSettings(BaseModel):
@@ -38,8 +38,22 @@ class FitSettings(BaseModel):
     validation_fraction: OpenRatio
     threshold_quantile: Ratio
     seed: Seed
-    batch_size: PositiveInt
+    batch_size: BatchSize
     aggregation_border: Literal["zeros", "valid"] | None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_fits(cls, batch_size: int, info: ValidationInfo) -> int:
+        """Every shipped backbone's widest early layer holds at least 16 floats per input pixel (64
+        channels at half the side): a batch beyond the memory limit fails here, not in the allocator."""
+        image_size = info.data.get("image_size")
+        if image_size is not None and 4 * 16 * batch_size * image_size**2 > MEMORY_LIMIT_GIB * 2**30:
+            most = MEMORY_LIMIT_GIB * 2**30 // (4 * 16 * image_size**2)
+            raise ValueError(
+                f"{batch_size} images of {image_size} px would need more than the {MEMORY_LIMIT_GIB} GiB memory "
+                f"limit in the backbone alone; use a batch_size of at most {most} at this image_size"
+            )
+        return batch_size
 
     @classmethod
     def check(cls, **values: Any) -> FitSettings:
@@ -114,7 +128,8 @@ def fit_run(
             batch_size=batch_size,
             aggregation_border=aggregation_border,
         )
-        create_head(model, **dict(hyperparameters or {}))  # bad hyperparameters fail before any work
+        # bad hyperparameters, and sizes that do not fit the image size, fail before any work
+        create_head(model, **dict(hyperparameters or {})).check_sizes(image_size)
     data = dataset if isinstance(dataset, AnomalyDataset) else open_dataset(dataset)
     if validation_dataset is None:
         train, validation = split_validation(data.train, fraction=validation_fraction, seed=seed)
@@ -126,6 +141,7 @@ def fit_run(
         except DatasetError as exc:
             raise DatasetError(f"--validation: {exc}") from exc
     run_dir = check_output_dir(run_dir, CONFIG_FILE, force=force, kind="run")
+    check_outside(run_dir, data.root, "--out", "the dataset")  # its test/ report would hold images
     torch.manual_seed(seed)
     if pipeline is None:
         pipeline = create_pipeline(

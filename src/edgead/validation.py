@@ -8,10 +8,13 @@ and range, and checked before any work starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from pydantic import ConfigDict, Field, ValidationError, validate_call
+
+from edgead.errors import SizeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,6 +25,31 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+# Upper bounds of the size-like options: far above any useful value, so a typo or a hostile file
+# (``hidden=1000000000000``) is a range error before anything is allocated. Bounds that depend on the
+# image size and the backbone are checked by ``Head.check_sizes`` with :func:`check_memory`.
+BatchSize = Annotated[int, Field(ge=1, le=1024)]  # images (or vectors) per optimisation/feature batch
+Epochs = Annotated[int, Field(ge=1, le=10_000)]  # passes over the training set
+Steps = Annotated[int, Field(ge=1, le=1_000_000)]  # optimiser steps
+Views = Annotated[int, Field(ge=1, le=256)]  # cached augmented versions of each training image
+Width = Annotated[int, Field(ge=1, le=1024)]  # base width of a small CNN (its layers use up to 4x)
+Channels = Annotated[int, Field(ge=1, le=16_384)]  # feature, code or hidden channels of a head
+BankSize = Annotated[int, Field(ge=1, le=1_000_000)]  # memory-bank entries / patches per chunk
+
+# Settings whose float32 tensors (weights, optimiser state, one batch's activations) would need more
+# than this are refused up front; larger machines are not what edgead is for, and an allocator error
+# deep in training says nothing about which option to change.
+MEMORY_LIMIT_GIB = 64
+
+
+def check_memory(setting: str, nbytes: float, fix: str) -> None:
+    """Raise SizeError naming ``setting`` when an estimate of the memory it needs exceeds the limit."""
+    if nbytes > MEMORY_LIMIT_GIB * 2**30:
+        raise SizeError(
+            f"{setting} would need about {math.ceil(nbytes / 2**30):,} GiB of memory, more than the "
+            f"{MEMORY_LIMIT_GIB} GiB limit; {fix}"
+        )
 
 
 def hyperparameters(init: F) -> F:

@@ -14,7 +14,9 @@ Every file is checked before it is trusted:
 
 import hashlib
 import importlib.util
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -209,20 +211,38 @@ def verify_checksum(name: str, file: Path, from_package: bool) -> None:
         )
 
 
-def read_state_dict(file: Path) -> dict[str, Tensor]:
-    """Load a plain state dict (name -> tensor) safely: ``weights_only`` torch files or safetensors."""
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+_SAVE_AS_STATE_DICT = (
+    "Give a .pth/.pt state dict saved with torch.save(model.state_dict(), path), or a .safetensors file."
+)
 
-            obj = load_file(str(file), device="cpu")
-        else:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any decoding failure means "not a usable weights file" to the user
-        reason = (str(exc).splitlines() or [""])[0][:200]
+
+def read_state_dict(file: Path) -> dict[str, Tensor]:
+    """Load a plain state dict (name -> tensor) safely: ``weights_only`` torch files or safetensors.
+
+    A pickle that holds anything beyond tensors (classes, functions, code) is refused unread: unpickling
+    it could run code, so the message never suggests loading it anyway.
+    """
+    if file.stat().st_size == 0:
+        raise WeightsError(f"{file} is empty (0 bytes): an interrupted download or copy. {_SAVE_AS_STATE_DICT}")
+    try:
+        with warnings.catch_warnings():  # torch's pickle-protocol notes are not the user's concern
+            warnings.simplefilter("ignore")
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                obj = load_file(str(file), device="cpu")
+            else:
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         raise WeightsError(
-            f"Cannot read {file} as PyTorch weights ({type(exc).__name__}: {reason}). Give a .pth/.pt "
-            "state dict saved with torch.save(model.state_dict(), path), or a .safetensors file."
+            f"{file} holds Python code or objects beyond tensors (a pickled model or checkpoint) and must not be "
+            f"loaded: unpickling it could run that code, so edgead refuses it. {_SAVE_AS_STATE_DICT}"
+        ) from None
+    except Exception as exc:  # any other decoding failure means "truncated or not a weights file" to the user
+        reason = (str(exc).splitlines() or [""])[0].split(". ")[0][:160]
+        raise WeightsError(
+            f"Cannot read {file} as PyTorch weights: it is truncated, corrupt or another kind of file "
+            f"({type(exc).__name__}{': ' + reason if reason else ''}). {_SAVE_AS_STATE_DICT}"
         ) from exc
     if (
         not isinstance(obj, dict)

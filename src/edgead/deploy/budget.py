@@ -303,7 +303,8 @@ def converter_report(run_dir: Path, model_sha256: str | None) -> dict[str, Any] 
     """The IMX500 converter's own memory report for this run, if ``edgead export RUN --format imx500`` wrote
     one into RUN/export for the model the run holds now; None otherwise. It is the authority: the budget
     is an estimate."""
-    from edgead.deploy.imx500 import SUMMARY_FILE
+    from edgead.deploy.imx500 import SUMMARY_FILE, SUMMARY_SEAL_KEY
+    from edgead.integrity import IntegrityError, check_seal
 
     path = run_dir / "export" / SUMMARY_FILE
     try:
@@ -314,6 +315,10 @@ def converter_report(run_dir: Path, model_sha256: str | None) -> dict[str, Any] 
         return None
     if not model_sha256 or summary.get("source_model_sha256") != model_sha256:
         return None  # another model's report (refitted since the export)
+    try:
+        check_seal(summary, SUMMARY_SEAL_KEY, path, "")
+    except IntegrityError:
+        return None  # edited since the export: not the converter's report
     return {
         "file": str(path),
         "model_bytes": memory.get("model_memory_bytes"),

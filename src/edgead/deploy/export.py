@@ -14,6 +14,7 @@ Every file carries the run's threshold and config, so `edgead test`/`predict` ru
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,13 @@ from edgead.deploy.onnx_export import (
     read_metadata,
     validation_images,
 )
-from edgead.errors import EdgeadError, UsageError
-from edgead.outputs import check_work_dir
-from edgead.runs import read_config
+from edgead.errors import EdgeadError, OutputError, UsageError
+from edgead.outputs import atomic_write_text, check_work_dir
+from edgead.runs import RunConfig, read_config
 
 FORMATS = ("onnx", "openvino", "tflite", "imx500", "edge")
+EXPORT_MARKER = "edgead_export.json"  # names the run an export folder belongs to
+EXPORT_FORMAT = "edgead-export"
 MIN_VALIDATION_IMAGES = 3  # below this, the INT8-vs-fp32 score check on validation images means nothing
 
 
@@ -43,6 +46,7 @@ def export_run(
     progress: bool = True,
     qat: bool = False,
     calibration_defects: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Export ``run_dir`` to ``out_dir`` (default RUN/export); returns the files written and checks.
 
@@ -50,7 +54,8 @@ def export_run(
     ``out_dir/qat_run``) and export that; the INT8 file is then post-training quantized from QAT weights.
     ``calibration_defects``: synthetic-defect images added to the calibration images (every INT8 path, the
     IMX500 included); None: one in eight for PatchCore on the IMX500 and for a PatchCore run with
-    ``-p bank_size``, none otherwise."""
+    ``-p bank_size``, none otherwise.
+    ``force``: write into ``out_dir`` although it holds files that are not this run's export."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
     if not 1 <= calibration <= 10000:
@@ -73,12 +78,16 @@ def export_run(
         if fmt != "imx500" and not int8:
             raise UsageError("--qat fine-tunes the model for its INT8 file: add --int8")
         check_qat_model(config.model)
+    default_dir = run_dir / ("edge" if fmt == "edge" else "export")
+    out_dir = check_export_dir(out_dir if out_dir is not None else default_dir, run_dir, config, force)
+    check_toolchain(fmt, run_dir, calibration, calibration_defects, int8)  # before any work, --qat's included
     if fmt == "edge":  # the backbone alone, for an edge device of a split deployment (RUN/edge)
         from edgead.edge.backbone import export_edge
 
-        path = export_edge(run_dir, check_work_dir(out_dir, "--out") if out_dir is not None else None)
+        path = export_edge(run_dir, out_dir)
+        mark_export_dir(out_dir, run_dir, config)
         return {"files": {"edge": path}, "sizes_mb": {"edge": file_megabytes(path)}}
-    out_dir = check_work_dir(out_dir if out_dir is not None else run_dir / "export", "--out")
+    mark_export_dir(out_dir, run_dir, config)  # before the first file: an interrupted export is still ours
     qat_report: dict[str, Any] = {}
     if qat:
         from edgead.deploy.qat import quantization_aware_run
@@ -146,6 +155,62 @@ def export_run(
     report["sizes_mb"] = {key: file_megabytes(path) for key, path in report["files"].items()}
     add_int8_checks(report, len(validation) if validation is not None else None)
     return report
+
+
+def check_export_dir(out_dir: str | Path, run_dir: Path, config: RunConfig, force: bool) -> Path:
+    """The export folder, refused (unless ``force``) when it holds anything but this run's export: a user's
+    files, or another run's export (its marker names another run identity); checked before any work."""
+    out_dir = check_work_dir(out_dir, "--out")
+    if force or not out_dir.is_dir() or out_dir.resolve().parent == run_dir.resolve():
+        return out_dir  # new, forced, or the run's own export/ or edge/ folder
+    try:
+        entries = [p.name for p in out_dir.iterdir() if not p.name.startswith(".edgead-")]
+    except OSError as exc:
+        raise OutputError(f"--out {out_dir} cannot be read ({exc.strerror or exc})") from None
+    if not entries:
+        return out_dir
+    marker = out_dir / EXPORT_MARKER
+    try:
+        recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict) or recorded.get("format") != EXPORT_FORMAT:
+        raise OutputError(
+            f"--out {out_dir} already holds files that are not an edgead export ({', '.join(sorted(entries)[:3])}"
+            f"{' ...' if len(entries) > 3 else ''}): choose a new or empty folder, or pass --force to write "
+            "beside them (files of the same name are replaced)"
+        )
+    if recorded.get("source_run_sha256") != config.identity():
+        raise OutputError(
+            f"--out {out_dir} holds the export of another run ({recorded.get('source_run')}): choose another "
+            "folder, or pass --force to replace its files with this run's"
+        )
+    return out_dir
+
+
+def mark_export_dir(out_dir: Path, run_dir: Path, config: RunConfig) -> None:
+    """Record which run an export folder belongs to (so another run's export is never overwritten silently)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = {"format": EXPORT_FORMAT, "source_run": str(run_dir.resolve()), "source_run_sha256": config.identity()}
+    atomic_write_text(out_dir / EXPORT_MARKER, json.dumps(marker, indent=2) + "\n")
+
+
+def check_toolchain(fmt: str, run_dir: Path, calibration: int, defects: int | None, int8: bool) -> None:
+    """A format's converter and its inputs are here, before any work (``--qat`` fine-tunes for minutes)."""
+    if fmt == "imx500":
+        from edgead.deploy.imx500 import check_imx500_ready
+
+        check_imx500_ready(run_dir, calibration, n_defects=defects)
+    elif fmt == "tflite":
+        from edgead.deploy.tflite import converter_python
+
+        converter_python()
+    elif fmt == "openvino":
+        for module in ("openvino", "nncf") if int8 else ("openvino",):
+            try:
+                __import__(module)
+            except ImportError:
+                raise EdgeadError(f"--format openvino needs the '{module}' package: pip install {module}") from None
 
 
 def add_int8_checks(report: dict[str, Any], validation: int | None) -> None:

@@ -17,6 +17,7 @@ The output folder then holds ``edgead_<model>.onnx`` (MCT's quantized ONNX), ``p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,12 +28,16 @@ from typing import Any
 from edgead.deploy.toolchain import output_tail, worker_env
 from edgead.deploy.toolchain import toolchain_home as shared_home
 from edgead.errors import EdgeadError
+from edgead.integrity import seal
+from edgead.outputs import atomic_write_text
 from edgead.runs import read_config
 
 HOME_ENV = "EDGEAD_IMX500_HOME"
 SETUP_COMMAND = "bash scripts/setup_imx500.sh"
 STAMP_FILE = ".edgead-imx500-installed"
 SUMMARY_FILE = "imx500_summary.json"
+SUMMARY_SEAL_KEY = "summary_sha256"  # the seal over the summary (its postprocess holds the host's threshold)
+FAILED_SUMMARY_FILE = "imx500_failed.json"  # a failed export's report; the previous export stays as it was
 SUPPORTED_MODELS = ("tinyglass", "student", "patchcore")
 # PatchCore bank entries refused before any work. Converter's report at 256 px: 2.35 MB runtime + 0.88 MB
 # backbone + 0.16 MB per 1024 entries (4096: 3.87 MB, 16384: 5.83 MB), so about 30,000 entries would fill 8 MB;
@@ -122,11 +127,39 @@ def export_imx500(
         Imx500Error: a stage refused the network (the tool's message is in it) or the network does
             not fit in the sensor's memory; ``.summary`` holds the report.
     """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config, python = check_imx500_ready(run_dir, n_calibration, chunk_size, n_defects)
+    if n_defects is None:
+        n_defects = n_calibration // 8 if config.model == "patchcore" else 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The worker writes into a temporary folder beside the outputs; its files replace the previous export's
+    # only once it succeeded, so a failed or interrupted export leaves that export as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".edgead-imx500.", suffix=".partial", dir=out_dir))
+    try:
+        summary = _run_worker(
+            python, run_dir, staging, out_dir, n_calibration, n_defects, chunk_size, score_test,
+            memory_report_only, progress, timeout,
+        )
+        if summary.get("fakequant_onnx"):
+            label_sensor_graph(staging / summary["fakequant_onnx"], run_dir, config, summary)
+        summary["out_dir"] = str(out_dir.resolve())  # where its files are once published
+        summary = seal(summary, SUMMARY_SEAL_KEY)  # the host decides with its threshold: sealed like a run
+        atomic_write_text(staging / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+        publish(staging, out_dir, last=SUMMARY_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def check_imx500_ready(
+    run_dir: Path, n_calibration: int = 64, chunk_size: int = 1024, n_defects: int | None = None
+):  # noqa: ANN201 - (RunConfig, the toolchain's Python)
+    """Every precondition of an IMX500 export, checked before any work (``--qat`` fine-tunes only after it):
+    the options, a supported run, the toolchain and Java."""
     if n_calibration < 1:
         raise EdgeadError(f"n_calibration must be at least 1, got {n_calibration}")
     if not 1 <= chunk_size <= SENSOR_BANK_LIMIT:
         raise EdgeadError(f"chunk_size must be between 1 and {SENSOR_BANK_LIMIT}, got {chunk_size}")
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = read_config(run_dir)
     if config.model not in SUPPORTED_MODELS:
         raise EdgeadError(
@@ -139,9 +172,7 @@ def export_imx500(
             f"{run_dir} holds a PatchCore bank of up to {config.head['bank_size']} entries: too many for the "
             f"sensor (at most {SENSOR_BANK_LIMIT}); {SENSOR_BANK_HINT}"
         )
-    if n_defects is None:
-        n_defects = n_calibration // 8 if config.model == "patchcore" else 0
-    if n_defects < 0:
+    if n_defects is not None and n_defects < 0:
         raise EdgeadError(f"n_defects must be non-negative, got {n_defects}")
     python = toolchain_python()
     if shutil.which("java") is None:
@@ -149,18 +180,38 @@ def export_imx500(
             "the IMX500 converter needs Java 17 or newer and 'java' is not on the PATH: install it, e.g. "
             "`sudo apt-get install -y --no-install-recommends openjdk-17-jre-headless`"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = out_dir / SUMMARY_FILE
-    summary_path.unlink(missing_ok=True)
+    return config, python
 
+
+def publish(staging: Path, out_dir: Path, last: str) -> None:
+    """Move every entry of ``staging`` into ``out_dir`` by rename, replacing entries of the same name, ``last``
+    at the end (the marker a reader checks: the summary names the files beside it)."""
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == last)
+    for entry in entries:
+        target = out_dir / entry.name
+        if entry.is_dir() and target.is_dir():
+            trash = Path(tempfile.mkdtemp(prefix=".edgead-old.", dir=out_dir))
+            os.rename(target, trash / entry.name)
+            os.rename(entry, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(entry, target)
+
+
+def _run_worker(
+    python: Path, run_dir: Path, staging: Path, out_dir: Path, n_calibration: int, n_defects: int,
+    chunk_size: int, score_test: str | Path | None, memory_report_only: bool, progress: bool, timeout: float | None,
+) -> dict[str, Any]:
+    """Run the worker into ``staging``; its summary, or an Imx500Error (the failed report kept in ``out_dir``)."""
     import edgead
 
+    summary_path = staging / SUMMARY_FILE
     package_dir = Path(edgead.__file__).resolve().parent
     command = [
         str(python),
         str(WORKER),
         str(run_dir.resolve()),
-        str(out_dir.resolve()),
+        str(staging.resolve()),
         "--n-calibration",
         str(n_calibration),
         "--n-defects",
@@ -204,16 +255,15 @@ def export_imx500(
         )
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     if not summary.get("ok"):
+        failed = atomic_write_text(out_dir / FAILED_SUMMARY_FILE, summary_path.read_text())
         error = summary.get("error") or {}
         detail = output_tail(error.get("detail") or "", 6)
         raise Imx500Error(
             f"IMX500 export failed at stage '{error.get('stage')}': {error.get('message')}"
             + (f"\n{detail}" if detail else "")
-            + f"\n(full report: {summary_path})",
+            + f"\n(full report: {failed}; the previous export in {out_dir}, if any, is unchanged)",
             summary,
         )
-    if summary.get("fakequant_onnx"):
-        label_sensor_graph(out_dir / summary["fakequant_onnx"], run_dir, config, summary)
     return summary
 
 

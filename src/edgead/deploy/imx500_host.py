@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgead.errors import EdgeadError, NonFiniteError
+from edgead.integrity import check_seal
 from edgead.models.postprocess import resize_blur_matrix
 
 
@@ -79,12 +80,15 @@ class SensorDecoder:
     @classmethod
     def from_summary(cls, summary: str | Path | dict[str, Any]) -> SensorDecoder:
         """From ``imx500_summary.json`` (its path or its parsed content) as ``edgead export --format imx500`` writes it."""
-        if not isinstance(summary, dict):
+        if not isinstance(summary, dict):  # a file: untrusted, and its seal must hold (edgead.integrity)
             path = Path(summary)
             try:
                 summary = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise EdgeadError(f"{path} is not a readable imx500_summary.json: {exc}") from None
+            if not isinstance(summary, dict):
+                raise EdgeadError(f"{path} is not an imx500_summary.json (not a JSON object)")
+            check_seal(summary, "summary_sha256", path, "export the run again with `edgead export --format imx500`")
         post = summary.get("postprocess") if isinstance(summary, dict) else None
         keys = ("upsample_to", "blur_sigma", "threshold", "score_min", "score_max")
         if not isinstance(post, dict) or any(k not in post for k in keys):

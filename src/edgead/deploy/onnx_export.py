@@ -36,6 +36,7 @@ from torch import nn
 
 from edgead import __version__
 from edgead.errors import EdgeadError, NonFiniteError
+from edgead.integrity import IntegrityError, check_seal, require_hash, seal
 from edgead.models import HEADS, Pipeline
 from edgead.models.patchcore import exact_search
 from edgead.outputs import atomic_file, atomic_write_bytes
@@ -47,6 +48,8 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 CONFIG_KEY = "edgead_config"
 GRAPH_HASH_KEY = "graph_sha256"
+METADATA_SEAL_KEY = "metadata_sha256"  # the seal of every other metadata entry (edgead.integrity)
+EXPORT_REMEDY = "export the run again"
 # Set for heads whose convolutions hold most of the model (DifferNet's flow): INT8 files store their weights
 # in int8 too (weights only; see edgead.deploy.quantize.quantize_head_weights).
 HEAD_WEIGHTS_KEY = "int8_head_weights"
@@ -91,7 +94,8 @@ def metadata_for(config: RunConfig, input_dtype: str, run_dir: Path) -> dict[str
         "score_max": repr(config.score_max),
         "normalisation": "normalized = (score - score_min) / (score_max - score_min), 0.5 at the threshold",
         CONFIG_KEY: json.dumps(config.to_json()),
-        **({"source_model_sha256": config.model_sha256} if config.model_sha256 else {}),
+        "source_model_sha256": require_hash(config.model_dump(), "model_sha256", run_dir, "refit the model"),
+        "source_run_sha256": config.identity(),
         **({HEAD_WEIGHTS_KEY: "true"} if HEADS[config.model].int8_head_weights else {}),
     }
 
@@ -179,7 +183,7 @@ def graph_sha256(model) -> str:
 
 
 def write_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Replace the file's metadata (adding its graph's sha256) and rewrite it atomically.
+    """Replace the file's metadata (adding its graph's sha256, then the seal) and rewrite it atomically.
 
     Every ONNX file edgead writes ends here, so this is also where float16 data is put back into
     float16 (:func:`keep_half_precision_constants`: quantizers and optimizers fold it into float32).
@@ -189,7 +193,7 @@ def write_metadata(path: Path, metadata: dict[str, str]) -> None:
     model = onnx.load(str(path))
     keep_half_precision_constants(model.graph)
     del model.metadata_props[:]
-    for key, value in {**metadata, GRAPH_HASH_KEY: graph_sha256(model)}.items():
+    for key, value in seal_metadata({**metadata, GRAPH_HASH_KEY: graph_sha256(model)}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name, model.producer_version = "edgead", __version__
@@ -454,26 +458,49 @@ def export_onnx(
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The checked metadata of an edgead ONNX file; a clear error for anything else or a changed graph."""
+    model, metadata = _load_sealed(Path(path))
+    if CONFIG_KEY not in metadata:
+        raise EdgeadError(f"{path} is an ONNX file but was not exported by edgead (no {CONFIG_KEY} metadata)")
+    check_metadata(metadata, Path(path), GRAPH_HASH_KEY)
+    _check_graph(model, metadata, Path(path))
+    return metadata
+
+
+def read_part_metadata(path: str | Path) -> dict[str, str]:
+    """The sealed metadata of an ONNX file edgead wrote that is not a whole model (the edge features)."""
+    model, metadata = _load_sealed(Path(path))
+    check_seal(metadata, METADATA_SEAL_KEY, path, EXPORT_REMEDY)
+    _check_graph(model, metadata, Path(path))
+    return metadata
+
+
+def _load_sealed(path: Path):  # noqa: ANN202 - (onnx.ModelProto, its metadata)
     import onnx
 
-    path = Path(path)
     if not path.is_file():
         raise EdgeadError(f"model file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise EdgeadError(f"{path} is empty (0 bytes): an interrupted copy or export; export the run again")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for a damaged file
         raise EdgeadError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
-    metadata = {p.key: p.value for p in model.metadata_props}
-    if CONFIG_KEY not in metadata:
-        raise EdgeadError(f"{path} is an ONNX file but was not exported by edgead (no {CONFIG_KEY} metadata)")
-    check_metadata(metadata, path)
-    recorded = metadata.get(GRAPH_HASH_KEY)
-    if recorded is not None and recorded != graph_sha256(model):
-        raise EdgeadError(
+    if not model.graph.node:
+        raise EdgeadError(f"{path} is not an ONNX model (no graph): damaged or another format")
+    return model, {p.key: p.value for p in model.metadata_props}
+
+
+def _check_graph(model, metadata: dict[str, str], path: Path) -> None:  # noqa: ANN001
+    if require_hash(metadata, GRAPH_HASH_KEY, path, EXPORT_REMEDY) != graph_sha256(model):
+        raise IntegrityError(
             f"{path} was changed or damaged after export: its graph does not match the sha256 in its "
-            "metadata; export the run again"
+            f"metadata; {EXPORT_REMEDY}"
         )
-    return metadata
+
+
+def seal_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata with its seal: every writer of an exported file's metadata ends here."""
+    return seal(metadata, METADATA_SEAL_KEY)
 
 
 FloatText = Annotated[str, AfterValidator(lambda text: _finite_float_text(text))]
@@ -506,9 +533,11 @@ class ExportMetadata(BaseModel):
     score_max: FloatText
     normalisation: str
     edgead_config: str
-    graph_sha256: Sha256 | None = None
-    weights_sha256: Sha256 | None = None
-    source_model_sha256: Sha256 | None = None
+    metadata_sha256: Sha256
+    source_model_sha256: Sha256
+    source_run_sha256: Sha256
+    graph_sha256: Sha256 | None = None  # ONNX files
+    weights_sha256: Sha256 | None = None  # OpenVINO IR and .tflite files
     int8_float_stages: str | None = None
     quantization: str | None = None
     threshold_source: str | None = None
@@ -520,12 +549,17 @@ class ExportMetadata(BaseModel):
     sensor_graph: Literal["patch_scores"] | None = None
 
 
-def check_metadata(metadata: dict[str, str], source: Path) -> RunConfig:
-    """Validate an exported file's metadata and the run config inside it; returns that config."""
+def check_metadata(metadata: dict[str, str], source: Path, content_key: str) -> RunConfig:
+    """Validate an exported file's metadata, its seal and the run config inside it; returns that config.
+
+    ``content_key`` names the hash of what computes (``graph_sha256``, ``weights_sha256``): it must be
+    present; the caller compares it with the file's contents."""
     try:
         checked = ExportMetadata.model_validate(metadata)
     except ValidationError as exc:
         raise EdgeadError(f"{source} has invalid edgead metadata: {describe(exc)}") from None
+    check_seal(metadata, METADATA_SEAL_KEY, source, EXPORT_REMEDY)
+    require_hash(metadata, content_key, source, EXPORT_REMEDY)
     try:
         data = json.loads(checked.edgead_config)
     except json.JSONDecodeError as exc:
@@ -540,5 +574,5 @@ def check_metadata(metadata: dict[str, str], source: Path) -> RunConfig:
     return config
 
 
-def config_from_metadata(metadata: dict[str, str], source: Path) -> RunConfig:
-    return check_metadata(metadata, source)
+def config_from_metadata(metadata: dict[str, str], source: Path, content_key: str = GRAPH_HASH_KEY) -> RunConfig:
+    return check_metadata(metadata, source, content_key)

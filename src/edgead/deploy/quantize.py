@@ -49,12 +49,17 @@ from edgead.deploy.onnx_export import (
     HEAD_WEIGHTS_KEY,
     INPUT_NAME,
     IR_METADATA_KEY,
+    METADATA_SEAL_KEY,
     OUTPUT_NAMES,
     read_metadata,
+    seal_metadata,
     to_input,
     write_metadata,
 )
 from edgead.errors import EdgeadError
+from edgead.integrity import seal
+from edgead.outputs import atomic_file
+from edgead.runs import SEAL_KEY
 
 HEAD_SCOPES = ("/head/", "/postprocess/")  # node-name parts of ops that always stay in float
 # Backbone stages (the student model's teacher stages too) and the trained networks in the backbone slot
@@ -232,7 +237,7 @@ def recalibrated_metadata(
     return {
         **metadata,
         **{key: repr(value) for key, value in {**calibration, **agreement}.items()},
-        CONFIG_KEY: json.dumps(config),
+        CONFIG_KEY: json.dumps(seal(config, SEAL_KEY)),  # a changed threshold: the config is sealed anew
         "threshold_source": source,
     }
 
@@ -415,48 +420,50 @@ def quantize_onnxruntime(
             item = next(self.items, None)
             return None if item is None else {INPUT_NAME: item}
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    validating = validation is not None and len(validation) > 0
-    head_weights = metadata.get(HEAD_WEIGHTS_KEY) == "true"
+    final_path = Path(out_path)
+    # The quantizer writes in place: all of it goes to a temporary sibling, renamed over the final file only
+    # once finished, so an interrupted quantization leaves the previous file as it was.
+    with atomic_file(final_path) as out_path:
+        validating = validation is not None and len(validation) > 0
+        head_weights = metadata.get(HEAD_WEIGHTS_KEY) == "true"
 
-    def quantize(scope: tuple[str, ...]) -> tuple[Path, np.ndarray | None]:
-        with tempfile.TemporaryDirectory() as tmp:
-            prepared = Path(tmp) / "prepared.onnx"
-            quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
-            nodes = onnx.load(str(prepared)).graph.node
-            excluded = [n.name for n in nodes if any(part in n.name for part in scope)]
-            excluded += _activations_read_in_float(nodes, set(excluded))
-            quantize_static(
-                str(prepared),
-                str(out_path),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=["Conv", "Clip", "Relu"],  # activations fold into the conv ranges
-                nodes_to_exclude=excluded,
-            )
-            if bias_correction:
-                correct_rounding_bias(out_path, prepared, inputs)
-        _float_readers_onnx(out_path, scope)
-        if head_weights:
-            quantize_head_weights(out_path)
-        if not validating:
-            return out_path, None
-        return out_path, onnx_scores(out_path, metadata, validation)
+        def quantize(scope: tuple[str, ...]) -> tuple[Path, np.ndarray | None]:
+            with tempfile.TemporaryDirectory() as tmp:
+                prepared = Path(tmp) / "prepared.onnx"
+                quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
+                nodes = onnx.load(str(prepared)).graph.node
+                excluded = [n.name for n in nodes if any(part in n.name for part in scope)]
+                excluded += _activations_read_in_float(nodes, set(excluded))
+                quantize_static(
+                    str(prepared),
+                    str(out_path),
+                    Reader(),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    op_types_to_quantize=["Conv", "Clip", "Relu"],  # activations fold into the conv ranges
+                    nodes_to_exclude=excluded,
+                )
+                if bias_correction:
+                    correct_rounding_bias(out_path, prepared, inputs)
+            _float_readers_onnx(out_path, scope)
+            if head_weights:
+                quantize_head_weights(out_path)
+            if not validating:
+                return out_path, None
+            return out_path, onnx_scores(out_path, metadata, validation)
 
-    _, scope, metadata = _quantize_within_budget(model_path, metadata, validation, quantize, keep_float)
-    metadata[FLOAT_STAGES_KEY] = _float_stages_note(scope)
-    metadata["quantization"] = (
-        f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images, "
-        + metadata[FLOAT_STAGES_KEY]
-        + (", rounding bias corrected" if bias_correction else "")
-        + (", head convolution weights in s8 per channel (head activations float)" if head_weights else "")
-    )
-    write_metadata(out_path, metadata)
-    return out_path
+        _, scope, metadata = _quantize_within_budget(model_path, metadata, validation, quantize, keep_float)
+        metadata[FLOAT_STAGES_KEY] = _float_stages_note(scope)
+        metadata["quantization"] = (
+            f"int8 onnxruntime QDQ, u8 activations, s8 per-channel weights, {len(inputs)} images, "
+            + metadata[FLOAT_STAGES_KEY]
+            + (", rounding bias corrected" if bias_correction else "")
+            + (", head convolution weights in s8 per channel (head activations float)" if head_weights else "")
+        )
+        write_metadata(out_path, metadata)
+    return final_path
 
 
 def quantize_openvino(
@@ -547,9 +554,9 @@ def save_openvino(model, out_path: str | Path, metadata: dict[str, str]) -> Path
     import openvino as ov
 
     out_path = Path(out_path)
-    metadata = {k: v for k, v in metadata.items() if k != GRAPH_HASH_KEY}  # that one is the ONNX graph's
+    metadata = {k: v for k, v in metadata.items() if k not in (GRAPH_HASH_KEY, METADATA_SEAL_KEY)}  # the ONNX's
     metadata["weights_sha256"] = openvino_weights_sha256(model)
-    model.set_rt_info(json.dumps(metadata), [IR_METADATA_KEY])
+    model.set_rt_info(json.dumps(seal_metadata(metadata)), [IR_METADATA_KEY])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = out_path.with_name(f".edgead-{out_path.stem}.partial.xml")
     try:

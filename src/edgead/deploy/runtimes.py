@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from edgead.deploy.onnx_export import (
+    GRAPH_HASH_KEY,
     INPUT_NAME,
     IR_METADATA_KEY,
     OUTPUT_NAMES,
@@ -150,7 +151,7 @@ class OpenVinoInferencer(Inferencer):
 
         path = Path(path)
         core = ov.Core()
-        if path.suffix == ".xml":
+        if model_suffix(path) == ".xml":
             if not path.is_file():
                 raise EdgeadError(f"model file {path} does not exist")
             try:
@@ -160,8 +161,8 @@ class OpenVinoInferencer(Inferencer):
                 raise EdgeadError(f"{path} is not an OpenVINO IR written by edgead export ({exc})") from None
             if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
                 raise EdgeadError(f"{path} has invalid edgead metadata (not a JSON object of strings)")
-            recorded = metadata.get("weights_sha256")
-            if recorded is not None and recorded != openvino_weights_sha256(model):
+            config_from_metadata(metadata, path, "weights_sha256")  # seal first: the hash is present and ours
+            if metadata["weights_sha256"] != openvino_weights_sha256(model):
                 raise EdgeadError(
                     f"{path} was changed or damaged after export: its weights (.bin) do not match the "
                     "sha256 in its metadata; export the run again"
@@ -169,7 +170,8 @@ class OpenVinoInferencer(Inferencer):
         else:
             metadata = read_metadata(path)
             model = core.read_model(str(path))
-        super().__init__(config_from_metadata(metadata, path), _onnx_input_dtype(metadata), metadata)
+        content_key = "weights_sha256" if model_suffix(path) == ".xml" else GRAPH_HASH_KEY
+        super().__init__(config_from_metadata(metadata, path, content_key), _onnx_input_dtype(metadata), metadata)
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run fp32 models in bf16.
         config = {
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
@@ -199,9 +201,14 @@ class LiteRtInferencer(Inferencer):
         return self.model.run(inputs.transpose(0, 2, 3, 1))  # the .tflite input is NHWC
 
 
+def model_suffix(path: str | Path) -> str:
+    """A model file's suffix, case-insensitively (``MODEL.TFLITE`` is a .tflite file)."""
+    return Path(path).suffix.lower()
+
+
 def default_runtime(path: str | Path) -> str:
     path = Path(path)
-    return "torch" if path.is_dir() else SUFFIX_RUNTIME.get(path.suffix, "onnxruntime")
+    return "torch" if path.is_dir() else SUFFIX_RUNTIME.get(model_suffix(path), "onnxruntime")
 
 
 def load_inferencer(path: str | Path, runtime: str | None = None, threads: int | None = None) -> Inferencer:
@@ -223,23 +230,24 @@ def load_inferencer(path: str | Path, runtime: str | None = None, threads: int |
         if threads:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
         return TorchInferencer(path)
-    if path.suffix not in SUFFIX_RUNTIME:
+    suffix = model_suffix(path)
+    if suffix not in SUFFIX_RUNTIME:
         raise EdgeadError(f"{path} is neither a run folder nor an exported .onnx/.xml/.tflite model")
     if runtime == "torch":
-        raise EdgeadError(f"{path} is an exported file: run it with --runtime {SUFFIX_RUNTIME[path.suffix]}")
-    if path.suffix == ".tflite" or runtime == "litert":
-        if (path.suffix, runtime) != (".tflite", "litert"):
+        raise EdgeadError(f"{path} is an exported file: run it with --runtime {SUFFIX_RUNTIME[suffix]}")
+    if suffix == ".tflite" or runtime == "litert":
+        if (suffix, runtime) != (".tflite", "litert"):
             raise EdgeadError(
                 f"{path}: LiteRT runs .tflite files only, and .tflite files run on LiteRT only: "
-                f"use --runtime {SUFFIX_RUNTIME[path.suffix]}"
+                f"use --runtime {SUFFIX_RUNTIME[suffix]}"
             )
         return LiteRtInferencer(path, threads)
     if runtime == "onnxruntime":
-        if path.suffix == ".xml":
+        if suffix == ".xml":
             raise EdgeadError(f"{path} is an OpenVINO IR: run it with --runtime openvino")
         if read_metadata(path).get("sensor_graph"):
             return SensorGraphInferencer(path, threads)
         return OnnxRuntimeInferencer(path, threads)
-    if path.suffix == ".onnx" and read_metadata(path).get("sensor_graph"):
+    if suffix == ".onnx" and read_metadata(path).get("sensor_graph"):
         raise EdgeadError(f"{path} is an IMX500 sensor graph: it runs on ONNX Runtime (--runtime onnxruntime)")
     return OpenVinoInferencer(path, threads)

@@ -20,12 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from edgead.deploy.onnx_export import GRAPH_HASH_KEY, check_metadata, config_from_metadata
+from edgead.deploy.onnx_export import (
+    GRAPH_HASH_KEY,
+    METADATA_SEAL_KEY,
+    check_metadata,
+    config_from_metadata,
+    seal_metadata,
+)
 from edgead.errors import EdgeadError
 from edgead.outputs import atomic_file
 from edgead.runs import RunConfig
 
 METADATA_NAME = "edgead"  # the TFLite metadata entry holding edgead's metadata as JSON
+WEIGHTS_HASH_KEY = "weights_sha256"
 INPUT_FORMAT = "uint8 NHWC RGB, 0..255"  # the .tflite input, [1, S, S, 3]: the raw pixels
 
 
@@ -93,8 +100,8 @@ def read_tflite_metadata(path: str | Path) -> dict[str, str]:
         raise EdgeadError(f"{path} has invalid edgead metadata (not JSON: {exc})") from None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise EdgeadError(f"{path} has invalid edgead metadata (not a JSON object of strings)")
-    check_metadata(metadata, path)
-    if metadata.get("weights_sha256") != content_sha256(model, data):
+    check_metadata(metadata, path, WEIGHTS_HASH_KEY)
+    if metadata[WEIGHTS_HASH_KEY] != content_sha256(model, data):
         raise EdgeadError(
             f"{path} was changed or damaged after export: its contents do not match the sha256 in its "
             "metadata; export the run again"
@@ -167,9 +174,9 @@ def write_tflite(source: Path, out_path: Path, metadata: dict[str, str]) -> Path
         staged = Path(scratch) / "hashed.tflite"
         flatbuffer_utils.write_model(model, str(staged))  # the hash skips the (still empty) metadata buffer
         parsed, data = read_model(staged)
-        payload = {key: value for key, value in metadata.items() if key != GRAPH_HASH_KEY}  # the ONNX graph's
+        payload = {key: value for key, value in metadata.items() if key not in (GRAPH_HASH_KEY, METADATA_SEAL_KEY)}
         payload.update(input_format=INPUT_FORMAT, weights_sha256=content_sha256(parsed, data))
-    buffer.data = np.frombuffer(json.dumps(payload).encode(), dtype=np.uint8)
+    buffer.data = np.frombuffer(json.dumps(seal_metadata(payload)).encode(), dtype=np.uint8)
     with atomic_file(out_path) as staging:
         flatbuffer_utils.write_model(model, str(staging))
     return out_path
@@ -248,4 +255,4 @@ class LiteRtModel:
 def tflite_config(path: str | Path) -> tuple[RunConfig, dict[str, str]]:
     """The run config and metadata a .tflite file carries (checked)."""
     metadata = read_tflite_metadata(path)
-    return config_from_metadata(metadata, Path(path)), metadata
+    return config_from_metadata(metadata, Path(path), WEIGHTS_HASH_KEY), metadata

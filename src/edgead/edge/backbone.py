@@ -9,7 +9,6 @@ runs such a folder with ONNX Runtime, or a whole run folder with torch.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from edgead.edge.codecs import feature_shape_of
-from edgead.edge.pq import CODEBOOK_FILE, Codebook
+from edgead.edge.pq import CODEBOOK_FILE, Codebook, load_run_codebook
 from edgead.errors import EdgeadError
 
 EDGE_DIR = "edge"
@@ -65,6 +64,8 @@ def export_edge(run_dir: str | Path, out_dir: str | Path | None = None, toleranc
 
     run_dir = Path(run_dir)
     pipeline, config = load_run(run_dir)
+    codebook = load_run_codebook(run_dir)
+    codebook_sha256 = codebook.sha256 if codebook is not None else None
     out_dir = Path(out_dir) if out_dir is not None else run_dir / EDGE_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     graph = _FeatureGraph(pipeline)
@@ -90,16 +91,25 @@ def export_edge(run_dir: str | Path, out_dir: str | Path | None = None, toleranc
             "input_size": str(s),
             "input_format": "uint8 NCHW RGB, 0..255",
             "feature_shape": json.dumps(list(feature_shape_of(pipeline))),
-            **({"source_model_sha256": config.model_sha256} if config.model_sha256 else {}),
+            "source_model_sha256": config.model_sha256,
+            **({"codebook_sha256": codebook_sha256} if codebook_sha256 else {}),
         })
-    if (run_dir / CODEBOOK_FILE).is_file():
-        shutil.copyfile(run_dir / CODEBOOK_FILE, out_dir / CODEBOOK_FILE)
+    if codebook is not None:
+        codebook.save(out_dir / CODEBOOK_FILE)
     return out_dir / EDGE_ONNX
 
 
-def _codebook_beside(folder: Path) -> Codebook | None:
+def _codebook_beside(folder: Path, recorded: str | None) -> Codebook | None:
+    """The edge folder's codebook: the one its features.onnx names (by sha256), or none if it names none."""
     path = folder / CODEBOOK_FILE
-    return Codebook.load(path) if path.is_file() else None
+    if recorded is None:
+        return None
+    if not path.is_file():
+        raise EdgeadError(f"{folder} has no {CODEBOOK_FILE}, which its {EDGE_ONNX} names: export the edge again")
+    codebook = Codebook.load(path)
+    if codebook.sha256 != recorded:
+        raise EdgeadError(f"{path} is not the codebook its {EDGE_ONNX} was exported with: export the edge again")
+    return codebook
 
 
 def load_edge(path: str | Path, threads: int | None = None) -> EdgeBackbone:
@@ -113,17 +123,20 @@ def load_edge(path: str | Path, threads: int | None = None) -> EdgeBackbone:
         path = path / EDGE_ONNX
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         pipeline, config = load_run(path)
-        return EdgeBackbone(config.image_size, feature_shape_of(pipeline), "torch", _codebook_beside(path),
+        return EdgeBackbone(config.image_size, feature_shape_of(pipeline), "torch", load_run_codebook(path),
                             pipeline=pipeline)
-    if not (path.is_file() and path.suffix == ".onnx"):
+    if not (path.is_file() and path.suffix.lower() == ".onnx"):
         raise EdgeadError(
             f"{path} is neither a run folder nor an edge model: make one with edgead.edge.backbone.export_edge")
+    from edgead.deploy.onnx_export import read_part_metadata
+
+    meta = read_part_metadata(path)  # sealed and hashed like every exported file: a changed one is refused
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        meta = session.get_modelmeta().custom_metadata_map
         size, shape = int(meta["input_size"]), tuple(json.loads(meta["feature_shape"]))
     except Exception as exc:  # noqa: BLE001 - a foreign or damaged file
         raise EdgeadError(f"{path} is not an edge model written by export_edge: {exc}") from None
-    return EdgeBackbone(size, shape, "onnxruntime", _codebook_beside(path.parent), session=session)
+    codebook = _codebook_beside(path.parent, meta.get("codebook_sha256"))
+    return EdgeBackbone(size, shape, "onnxruntime", codebook, session=session)

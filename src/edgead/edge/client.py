@@ -8,11 +8,18 @@ for a real-time run). Only the uplink is modelled: the answer is a few hundred b
 
 A frame that cannot be read, encoded or scored (server down, an error answer after the retries) still
 gets its row in predictions.csv with the reason; the CSV is rewritten atomically as frames go.
+
+Nothing the server sends is trusted: every answer is read under a size cap and a deadline and checked
+against the server's own answer models (:mod:`edgead.edge.answers`); an answer that fails (a NaN score,
+a missing field, an absurd input size, a map that is not what it claims) is an error, never a decision.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import io
+import json
 import math
 import re
 import socket
@@ -20,11 +27,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ValidationError
 
 from edgead.data.images import resize_image
+from edgead.edge.answers import MAP_SIDE, ModelInfo, ModelList, ScoreAnswer
 from edgead.edge.auth import API_KEY_HEADER, read_api_key
 from edgead.edge.codecs import CODECS, DEFAULT_QUALITY, DEFAULT_RATIO, FEATURE_CODECS, Codec, create_codec
 from edgead.errors import EdgeadError, UsageError
@@ -32,10 +44,16 @@ from edgead.outputs import check_output_dir, write_records_csv
 from edgead.progress import progress as progress_bar
 from edgead.runtime.sources import open_source
 from edgead.runtime.stream import ResultCounts
+from edgead.validation import describe
 
 PREDICTIONS_CSV = "predictions.csv"
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)  # worth another try; other errors will not change
 CSV_EVERY = 25  # frames between two rewrites of the CSV
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # the largest real answer (a 2048 px float16 map) is about 11 MB
+MAX_MESSAGE = 300  # characters of a server's words quoted in an error
+MIN_BANDWIDTH, MAX_BANDWIDTH = 100.0, 100e9  # bytes per second (or inf): below, one frame takes hours
+MAX_LATENCY_MS = 60_000.0
+A = TypeVar("A", bound=BaseModel)
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
           "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
@@ -51,7 +69,10 @@ class EdgeClientError(EdgeadError):
 
 
 def parse_bandwidth(text: str | float) -> float:
-    """Bytes per second from '100kB/s', '1MB/s', '2 MiB/s', '800kbit/s' (kB = 1000 B); 'inf' = no limit."""
+    """Bytes per second from '100kB/s', '1MB/s', '2 MiB/s', '800kbit/s' (kB = 1000 B); 'inf' = no limit.
+
+    Rates are bounded (100 B/s to 100 GB/s, or inf), so the modelled time and ``--throttle``'s sleep stay sane.
+    """
     if isinstance(text, int | float):
         value = float(text)
     elif str(text).strip().lower() in ("inf", "none", "unlimited"):
@@ -64,9 +85,19 @@ def parse_bandwidth(text: str | float) -> float:
         if not match or unit not in _UNITS:
             raise UsageError(f"--bandwidth {text!r} is not a rate: write e.g. 100kB/s, 1MB/s, 2MiB/s or 800kbit/s")
         value = float(match.group(1)) * _UNITS[unit]
+        if not math.isfinite(value):
+            raise UsageError(f"--bandwidth {text!r} overflows: write inf for no limit")
     if not value > 0:
         raise UsageError(f"--bandwidth must be above zero, got {text!r}")
+    check_bandwidth(value, text)
     return value
+
+
+def check_bandwidth(value: float, text: object = None) -> None:
+    """A :class:`UsageError` unless ``value`` (bytes per second) is inf or within 100 B/s..100 GB/s."""
+    if not (value == math.inf or MIN_BANDWIDTH <= value <= MAX_BANDWIDTH):
+        raise UsageError(f"--bandwidth {text if text is not None else value!r} is out of range: "
+                         f"{MIN_BANDWIDTH:g} B/s to {MAX_BANDWIDTH / 1e9:g} GB/s, or inf for no limit")
 
 
 @dataclass
@@ -77,8 +108,9 @@ class Link:
     latency_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.latency_ms >= 0 and math.isfinite(self.latency_ms)):
-            raise UsageError(f"--latency-ms must be zero or more, got {self.latency_ms}")
+        check_bandwidth(self.bandwidth)
+        if not 0 <= self.latency_ms <= MAX_LATENCY_MS:  # NaN fails too
+            raise UsageError(f"--latency-ms must be 0..{MAX_LATENCY_MS:g}, got {self.latency_ms}")
 
     def transfer_ms(self, n_bytes: int) -> float:
         return n_bytes / self.bandwidth * 1000.0 + self.latency_ms
@@ -120,16 +152,46 @@ class EdgeSummary(ResultCounts):
         return float(np.median(values)) if values else None
 
 
+def check_server_url(url: str) -> str:
+    """The server's base URL without a trailing slash; a :class:`UsageError` says what is wrong with it.
+
+    http or https, a host, a port in 1..65535 if one is given, no query or fragment, nothing unprintable.
+    """
+    text = str(url)
+    example = "write it like http://127.0.0.1:8000"
+    if not text or any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise UsageError(f"--server {text!r} is empty or holds spaces or control characters: {example}")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+        httpx.URL(text)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise UsageError(f"--server {text!r} is not a URL ({exc}): {example}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise UsageError(f"--server {text!r} must start with http:// or https://: {example}")
+    if not parts.hostname:
+        raise UsageError(f"--server {text!r} names no host: {example}")
+    if port == 0:
+        raise UsageError(f"--server {text!r}: the port must be 1..65535")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise UsageError(f"--server {text!r} must not hold a query or fragment (?, #): {example}")
+    return text.rstrip("/")
+
+
 class ScoringClient:
-    """HTTP to one scoring server, with retries and exponential back-off on transient failures."""
+    """HTTP to one scoring server, with retries and exponential back-off on transient failures.
+
+    Answers are read under :data:`MAX_ANSWER_BYTES` and within ``timeout_s`` once their headers came, and
+    checked against the server's answer models: a server cannot make the client buffer without bound, wait
+    for ever on a trickled body, or crash it with a malformed answer.
+    """
 
     def __init__(self, server: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 3,
                  backoff_s: float = 0.5) -> None:
-        if not server.startswith(("http://", "https://")):
-            raise UsageError(f"--server {server!r} must be a URL like http://127.0.0.1:8000")
-        if retries < 0 or backoff_s < 0 or timeout_s <= 0:
-            raise UsageError("retries and back-off must be zero or more, the timeout above zero")
-        self.server, self.retries, self.backoff_s = server.rstrip("/"), retries, backoff_s
+        if not (retries >= 0 and backoff_s >= 0 and 0 < timeout_s < math.inf):
+            raise UsageError("retries and back-off must be zero or more, the timeout above zero and finite")
+        self.server, self.retries, self.backoff_s = check_server_url(server), retries, backoff_s
+        self.timeout_s = timeout_s
         headers = {API_KEY_HEADER: api_key} if api_key else {}
         # TCP_NODELAY: without it, the body segment waits for the ACK of the headers (Nagle + delayed ACK, 40 ms).
         transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
@@ -138,58 +200,135 @@ class ScoringClient:
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, **kw) -> tuple[httpx.Response, int]:
-        """The response and the number of attempts; :class:`EdgeClientError` once retries are spent."""
+    def request(self, method: str, path: str, **kw) -> tuple[bytes, int]:
+        """The body of a 2xx answer and the number of attempts; :class:`EdgeClientError` once retries are spent."""
         reason = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 10.0))
             try:
-                response = self.http.request(method, path, **kw)
+                status, body = self._exchange(method, path, **kw)
             except httpx.TransportError as exc:
-                reason = f"server {self.server} unreachable ({type(exc).__name__}: {exc})"
+                reason = f"server {self.server} unreachable ({type(exc).__name__}: {_clip(str(exc))})"
                 continue
-            if response.status_code < 400:
-                return response, attempt + 1
-            reason = f"server answered {response.status_code}: {_detail(response)}"
-            if response.status_code not in RETRY_STATUSES:
+            except EdgeClientError as exc:  # an oversized answer: another try will not change it
+                exc.attempts = attempt + 1
+                raise
+            if 200 <= status < 300:
+                return body, attempt + 1
+            reason = f"server answered {status}: {_detail(body)}"
+            if status not in RETRY_STATUSES:
                 break
         raise EdgeClientError(f"{reason} (after {attempt + 1} attempt{'s' if attempt else ''})", attempt + 1)
 
-    def model_info(self, name: str) -> dict:
-        response, _ = self.request("GET", "/v1/models")
-        try:
-            models = {m["name"]: m for m in response.json()["models"]}
-        except (KeyError, TypeError, ValueError):
-            raise EdgeClientError(f"{self.server} is not an edgead scoring server (no model list)") from None
+    def _exchange(self, method: str, path: str, **kw) -> tuple[int, bytes]:
+        with self.http.stream(method, path, **kw) as response:
+            deadline = time.monotonic() + self.timeout_s
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise EdgeClientError(f"the server's answer is over {MAX_ANSWER_BYTES // 2**20} MiB: "
+                                          "not an edgead scoring server's")
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"the answer did not arrive within {self.timeout_s:g} s",
+                                            request=response.request)
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks)
+
+    def model_info(self, name: str) -> ModelInfo:
+        """The server's description of ``name``, checked (bounded input size, known codecs...)."""
+        body, _ = self.request("GET", "/v1/models")
+        models = {m.name: m for m in parse_answer(ModelList, body, "model list").models}
         if name not in models:
-            raise EdgeClientError(f"the server has no model {name!r}; it serves {', '.join(models) or 'none'}")
+            raise EdgeClientError(f"the server has no model {name!r}; it serves {_clip(', '.join(models)) or 'none'}")
         return models[name]
 
-    def score(self, name: str, body: bytes, include_map: bool = False, map_format: str = "png") -> tuple[dict, int]:
-        """The server's JSON answer (see ``edgead.edge.server.ScoreAnswer``) and the attempts it took.
+    def score(self, name: str, body: bytes, include_map: bool = False, map_format: str = "png"
+              ) -> tuple[ScoreAnswer, int]:
+        """The server's answer, checked, and the attempts it took; an invalid answer is an :class:`EdgeClientError`.
 
         ``include_map`` adds the anomaly map: a small PNG, or with ``map_format="float16"`` the raw map at the
-        model's input size (read it with :func:`decode_map`).
+        model's input size (read it with :func:`decode_map`); asked for, it must be there and well formed.
         """
         params = {"map": "true", "map_format": map_format} if include_map else None
-        response, attempts = self.request("POST", f"/v1/models/{name}/score", content=body, params=params,
-                                          headers={"Content-Type": "application/octet-stream"})
-        return response.json(), attempts
+        data, attempts = self.request("POST", f"/v1/models/{name}/score", content=body, params=params,
+                                      headers={"Content-Type": "application/octet-stream"})
+        try:
+            answer = parse_answer(ScoreAnswer, data, "score answer")
+            if answer.model != name:
+                raise EdgeClientError(f"the server answered for model {answer.model!r}, not {name!r}")
+            if include_map and map_format == "float16":
+                decode_map(answer)
+            elif include_map:
+                check_map_png(answer)
+        except EdgeClientError as exc:
+            exc.attempts = attempts
+            raise
+        return answer, attempts
 
 
-def decode_map(answer: dict) -> np.ndarray:
-    """The float16 anomaly map of a score answer asked for with ``map_format="float16"`` (input size, raw values)."""
-    shape = tuple(int(side) for side in answer["anomaly_map_shape"])
-    return np.frombuffer(base64.b64decode(answer["anomaly_map_float16"]), "<f2").reshape(shape)
-
-
-def _detail(response: httpx.Response) -> str:
+def parse_answer(model: type[A], body: bytes, what: str) -> A:
+    """``body`` checked against the server's answer ``model``; :class:`EdgeClientError` with the first problems."""
     try:
-        detail = response.json().get("detail")
-    except (ValueError, AttributeError):
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise EdgeClientError(f"the server's {what} is not valid: {_clip(describe(exc))}") from None
+
+
+def decode_map(answer: ScoreAnswer | dict) -> np.ndarray:
+    """The float16 anomaly map of a score answer asked for with ``map_format="float16"`` (input size, raw values).
+
+    The answer is checked first (a dict too): a map that is absent, not base64, of another size than its
+    shape says, or not finite is an :class:`EdgeClientError`.
+    """
+    if isinstance(answer, dict):
+        try:
+            answer = ScoreAnswer.model_validate(answer)
+        except ValidationError as exc:
+            raise EdgeClientError(f"the server's score answer is not valid: {_clip(describe(exc))}") from None
+    if answer.anomaly_map_float16 is None or answer.anomaly_map_shape is None:
+        raise EdgeClientError("the server's answer has no float16 anomaly map")
+    height, width = answer.anomaly_map_shape
+    try:
+        raw = base64.b64decode(answer.anomaly_map_float16, validate=True)
+    except (binascii.Error, ValueError):
+        raise EdgeClientError("the server's float16 anomaly map is not base64") from None
+    if len(raw) != height * width * 2:
+        raise EdgeClientError(f"the server's float16 anomaly map holds {len(raw):,} bytes, not the "
+                              f"{height * width * 2:,} of {height}x{width}")
+    values = np.frombuffer(raw, "<f2").reshape(height, width)
+    if not np.isfinite(values).all():
+        raise EdgeClientError("the server's float16 anomaly map holds NaN or infinite values")
+    return values
+
+
+def check_map_png(answer: ScoreAnswer) -> None:
+    """An :class:`EdgeClientError` unless the answer's map is a base64 PNG of MAP_SIDE x MAP_SIDE pixels."""
+    if answer.anomaly_map_png is None:
+        raise EdgeClientError("the server's answer has no PNG anomaly map")
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(answer.anomaly_map_png, validate=True))) as image:
+            fmt, size = image.format, image.size  # the header only: nothing is decoded
+    except (binascii.Error, ValueError, OSError):
+        raise EdgeClientError("the server's PNG anomaly map is not a base64 image") from None
+    if fmt != "PNG" or size != (MAP_SIDE, MAP_SIDE):
+        raise EdgeClientError(f"the server's anomaly map is a {fmt} of {size[0]}x{size[1]}, not a "
+                              f"{MAP_SIDE}x{MAP_SIDE} PNG")
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """Printable and at most ``limit`` characters: what a server sends is quoted, never echoed raw."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _detail(body: bytes) -> str:
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError, RecursionError):
         detail = None
-    return str(detail if detail is not None else response.text[:200])
+    return _clip(str(detail if detail is not None else body[:MAX_MESSAGE].decode("utf-8", "replace")))
 
 
 def write_edge_csv(path: Path, results: Sequence[EdgeResult]) -> Path:
@@ -197,18 +336,18 @@ def write_edge_csv(path: Path, results: Sequence[EdgeResult]) -> Path:
     return write_records_csv(path, EdgeResult, results, text_fields=("name",), ms_fields=ms)
 
 
-def _check_edge_side(backbone, info: dict, mode: str) -> None:  # noqa: ANN001
-    if backbone.image_size != info["input_size"] or list(backbone.feature_shape) != list(info["feature_shape"]):
+def _check_edge_side(backbone, info: ModelInfo, mode: str) -> None:  # noqa: ANN001
+    if backbone.image_size != info.input_size or list(backbone.feature_shape) != info.feature_shape:
         raise UsageError(
             f"the edge model takes {backbone.image_size} px and gives features {list(backbone.feature_shape)}, the "
-            f"server's model {info['name']} takes {info['input_size']} px and features {info['feature_shape']}: "
+            f"server's model {info.name} takes {info.input_size} px and features {info.feature_shape}: "
             "export the edge part from the same run")
     if mode in ("pq", "rs+pq"):
         if backbone.codebook is None:
             raise UsageError(f"mode {mode} needs pq_codebook.safetensors beside the edge model")
-        if info.get("pq_codebook_id") != backbone.codebook.id_hex:
+        if info.pq_codebook_id != backbone.codebook.id_hex:
             raise UsageError(f"the edge's PQ codebook {backbone.codebook.id_hex} is not the server's "
-                             f"{info.get('pq_codebook_id')}: copy the run's pq_codebook.safetensors to the edge")
+                             f"{info.pq_codebook_id}: copy the run's pq_codebook.safetensors to the edge")
 
 
 def prepare_codec(client: ScoringClient, model: str, mode: str, backbone=None, ratio: float = DEFAULT_RATIO,  # noqa: ANN001
@@ -216,18 +355,18 @@ def prepare_codec(client: ScoringClient, model: str, mode: str, backbone=None, r
     """The codec of ``mode`` for the server's ``model`` and that model's input size.
 
     Asks the server first, so a mode it does not accept, or an edge part (``backbone``, feature modes)
-    from another run or with another PQ codebook, fails before any frame is sent.
+    from another run or with another PQ codebook, fails before any frame is sent. The answer is checked
+    (:class:`edgead.edge.answers.ModelInfo`), so the sizes used here are bounded.
     """
     info = client.model_info(model)
-    if mode not in info["accepted_codecs"]:
+    if mode not in info.accepted_codecs:
         raise UsageError(f"the server's model {model} does not accept {mode}; it accepts "
-                         f"{', '.join(info['accepted_codecs'])}")
+                         f"{', '.join(info.accepted_codecs)}")
     if backbone is not None:
         _check_edge_side(backbone, info, mode)
-    size = int(info["input_size"])
-    codec = create_codec(mode, size, tuple(info["feature_shape"]), backbone.codebook if backbone else None,
+    codec = create_codec(mode, info.input_size, tuple(info.feature_shape), backbone.codebook if backbone else None,
                          ratio=ratio, quality=quality, seed=seed)
-    return codec, size
+    return codec, info.input_size
 
 
 def run_edge(
@@ -265,6 +404,7 @@ def run_edge(
     if not 0 < ratio <= 1 or not 0 <= quality <= 100:
         raise UsageError(f"--ratio must be in (0, 1] and --quality in 0..100, got {ratio} and {quality}")
     link = Link(parse_bandwidth(bandwidth), float(latency_ms))
+    check_server_url(server)
     out_dir = check_output_dir(out_dir, PREDICTIONS_CSV, kind="edge predictions")
     csv_path = out_dir / PREDICTIONS_CSV
     api_key = read_api_key(api_key_file)
@@ -319,20 +459,20 @@ def send_frame(image: np.ndarray, result: EdgeResult, codec: Codec, backbone, si
         sent = time.perf_counter()
         answer, result.attempts = client.score(model, body, map_format is not None, map_format or "png")
         result.http_ms = (time.perf_counter() - sent) * 1000.0
-        result.server_ms = float(answer["timings"]["total_ms"])
+        result.server_ms = answer.timings.total_ms
         result.total_ms = result.edge_ms + result.link_ms + result.server_ms
-        result.score, result.normalized_score = float(answer["score"]), float(answer["normalized_score"])
-        result.decision = str(answer["decision"])
+        result.score, result.normalized_score = answer.score, answer.normalized_score
+        result.decision = answer.decision
     except EdgeClientError as exc:
         result.error, result.attempts = str(exc), exc.attempts
     except EdgeadError as exc:
         result.error = str(exc)
-    except (KeyError, TypeError, ValueError) as exc:  # a 2xx answer that is not a score answer
-        result.error = f"unexpected answer from the server: {type(exc).__name__}: {exc}"
+    except (KeyError, TypeError, ValueError) as exc:  # a codec's own check; answers are EdgeClientErrors
+        result.error = f"cannot send the frame: {type(exc).__name__}: {_clip(str(exc))}"
     if result.error is not None:
         result.score = result.normalized_score = result.decision = None  # failed, never "normal"
         return None
-    return answer
+    return answer.model_dump()
 
 
 _send = send_frame  # its earlier, private name

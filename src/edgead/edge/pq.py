@@ -102,6 +102,11 @@ class Codebook:
             raise RunFolderError(f"{source}: centroids must be finite float32 values")
         return cls(centroids, nbits, file_bytes=bytes(data))
 
+    @property
+    def sha256(self) -> str:
+        """The file's sha256 (hex): what the run's config.json and the edge folder's features.onnx record."""
+        return hashlib.sha256(self.file_bytes).hexdigest()
+
     def save(self, path: str | Path) -> Path:
         return atomic_write_bytes(path, self.file_bytes)
 
@@ -129,8 +134,21 @@ class Codebook:
 
 def load_run_codebook(run_dir: str | Path) -> Codebook | None:
     """The run folder's codebook, or None when it has none."""
+    from edgead.runs import read_config
+
     path = Path(run_dir) / CODEBOOK_FILE
-    return Codebook.load(path) if path.exists() else None
+    recorded = read_config(run_dir).extra.get("codebook_sha256")
+    if not path.exists():
+        if recorded:
+            raise RunFolderError(f"{run_dir} lost its PQ codebook {CODEBOOK_FILE}: restore it or train it again")
+        return None
+    codebook = Codebook.load(path)
+    if codebook.sha256 != recorded:
+        raise RunFolderError(
+            f"{path} is not the codebook recorded in {run_dir}/config.json (changed, damaged or copied from "
+            "another run): train it again with `edgead fit --pq-codebook`"
+        )
+    return codebook
 
 
 def _training_samples(config, dataset: str | Path | None) -> list:
@@ -186,7 +204,7 @@ def train_codebook(
     used; the file records its own. Written atomically to ``RUN/pq_codebook.safetensors``.
     """
     from edgead.inference import iter_features
-    from edgead.runs import load_run, read_config
+    from edgead.runs import load_run, read_config, update_config
 
     run_dir = Path(run_dir)
     if pipeline is None:
@@ -209,4 +227,6 @@ def train_codebook(
     nbits = min(nbits, len(vectors).bit_length() - 1)  # a tiny dataset gets fewer centroids, never an error
     codebook = Codebook.train(vectors, m=m, nbits=nbits, seed=seed)
     codebook.save(run_dir / CODEBOOK_FILE)
+    extra = {**config.extra, "codebook_sha256": codebook.sha256}
+    update_config(run_dir, config.model_copy(update={"extra": extra}))  # the codebook joins the run's manifest
     return codebook

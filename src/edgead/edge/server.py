@@ -6,9 +6,10 @@ backbone; the server decodes it and runs the head). Requests are independent and
 state between them, so replicas scale out behind any HTTP load balancer (round robin, no sticky
 sessions): each replica needs only the same run folders and API key file.
 
-Untrusted input is checked before any work, in this order: API key (401), model name (404), body size
-(413, from Content-Length before reading, and while reading), body read time (408), then the payload
-or image header (400/409/413/415/422 with the reason). Inference runs in a small thread pool per worker
+Untrusted input is checked before any work, in this order: open connections per client address (503),
+header arrival time (408, then closed), API key (401), model name (404), body size (413, from
+Content-Length before reading, and while reading), body read time (408), then the payload or image header
+(400/409/413/415/422 with the reason). Inference runs in a small thread pool per worker
 with a deadline per request (503 when the server is too busy to answer in time).
 """
 
@@ -16,18 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import io
 import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -39,6 +42,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from edgead.edge.answers import (
+    MAP_SIDE,
+    ErrorAnswer,
+    Health,
+    MapFormat,
+    ModelInfo,
+    ModelList,
+    ScoreAnswer,
+    Timings,
+    is_model_name,
+)
 from edgead.edge.auth import API_KEY_HEADER, read_api_key
 from edgead.edge.codecs import (
     MAX_IMAGE_PIXELS,
@@ -50,17 +64,15 @@ from edgead.edge.codecs import (
 )
 from edgead.edge.payload import CODEC_IDS, PayloadError, is_payload, parse_payload
 from edgead.edge.pq import Codebook, load_run_codebook
-from edgead.errors import EdgeadError, UsageError
+from edgead.errors import EdgeadError, RunFolderError, UsageError
 from edgead.metrics import normalize_scores
 from edgead.runs import RunConfig, load_run, read_config
 
 ENV_CONFIG = "EDGEAD_SERVE_CONFIG"
-MAP_SIDE = 64  # the optional anomaly map is sent as a 64 x 64 grey PNG (about 2 kB)...
-MapFormat = Literal["png", "float16"]  # ...or at full input resolution as float16, for pixel metrics
 
 
 class Limits(BaseModel):
-    """Per-request limits (each worker enforces them on its own)."""
+    """Per-request and per-connection limits (each worker enforces them on its own)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -69,54 +81,12 @@ class Limits(BaseModel):
     body_timeout_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     slots: int = Field(2, ge=1, le=64, description="requests scored at once per worker")
-
-
-class Health(BaseModel):
-    status: str
-    models: list[str]
-
-
-class ModelInfo(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    name: str
-    model: str
-    backbone: str
-    input_size: int
-    feature_shape: list[int]
-    accepted_codecs: list[str]
-    pq_codebook_id: str | None
-    threshold: float
-
-
-class ModelList(BaseModel):
-    models: list[ModelInfo]
-
-
-class Timings(BaseModel):
-    decode_ms: float
-    backbone_ms: float
-    head_ms: float
-    total_ms: float
-
-
-class ScoreAnswer(BaseModel):
-    model: str
-    codec: str
-    payload_bytes: int
-    score: float
-    normalized_score: float
-    decision: str
-    timings: Timings
-    anomaly_map_png: str | None = Field(None, description=f"base64 PNG, {MAP_SIDE}x{MAP_SIDE}, 0.5 grey = threshold")
-    anomaly_map_float16: str | None = Field(
-        None, description="base64 of the raw map (the score's scale) as little-endian float16, row-major, "
-        "anomaly_map_shape pixels (the model's input size)")
-    anomaly_map_shape: list[int] | None = None
-
-
-class ErrorAnswer(BaseModel):
-    detail: str
+    header_timeout_s: float = Field(10.0, gt=0, le=600, allow_inf_nan=False, description=(
+        "from connection open, or the end of the previous response, to complete request headers"))
+    keep_alive_s: float = Field(5.0, gt=0, le=600, allow_inf_nan=False,
+                                description="an idle keep-alive connection is closed after this")
+    max_connections_per_client: int = Field(8, ge=1, le=1024, description=(
+        "open connections per client address and worker; one more gets a 503 and is closed"))
 
 
 @dataclass
@@ -203,8 +173,8 @@ def parse_run_args(runs: Sequence[str | Path]) -> dict[str, Path]:
         name, _, path = text.partition("=") if "=" in text and not Path(text).exists() else ("", "", text)
         path = Path(path)
         name = name or path.resolve().name
-        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-            raise UsageError(f"model name {name!r} (from {text}) may only hold letters, digits, '-', '_' and '.'")
+        if not is_model_name(name):
+            raise UsageError(f"model name {name!r} (from {text}) must be 1..128 letters, digits, '-', '_' or '.'")
         if name in named:
             raise UsageError(f"two runs are served as {name!r}: name them, e.g. {name}_b={path}")
         read_config(path)  # a missing or broken run folder fails here, before the server starts
@@ -366,12 +336,44 @@ async def run_with_deadline(state, work, deadline: float):  # noqa: ANN001, ANN2
                             headers={"Retry-After": "1"}) from None
 
 
-class NoDelayH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with TCP_NODELAY on every connection.
+def _raw_response(status: int, reason: str, detail: str) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"retry-after: 1\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
-    asyncio sets it only on sockets whose protocol number is TCP; the socket uvicorn binds for several
-    workers has protocol 0, so without this every keep-alive response waits 40 ms for a delayed ACK.
+
+def connection_limits() -> Limits:
+    """This worker's limits, from ``EDGEAD_SERVE_CONFIG`` (set by :func:`serve`); the defaults without it."""
+    return _limits_from(os.environ.get(ENV_CONFIG) or "{}")
+
+
+@functools.lru_cache(maxsize=4)
+def _limits_from(settings: str) -> Limits:
+    return Limits(**json.loads(settings).get("limits", {}))
+
+
+_open_connections: Counter[str] = Counter()  # per client address, in this worker (one event loop: no lock)
+
+
+class NoDelayH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with TCP_NODELAY, a header deadline and a per-address connection cap.
+
+    TCP_NODELAY: asyncio sets it only on sockets whose protocol number is TCP; the socket uvicorn binds for
+    several workers has protocol 0, so without it every keep-alive response waits 40 ms for a delayed ACK.
+
+    uvicorn has no header timeout: a client trickling its headers a byte at a time (or sending nothing)
+    holds its connection for ever, and a few dozen such connections reach ``limit_concurrency`` and lock
+    every client out. Here the request headers must be complete ``header_timeout_s`` after the connection
+    opens or the previous response ends (else 408 and close), and one address may hold at most
+    ``max_connections_per_client`` connections per worker (one more gets a 503 and is closed). The body has
+    its own deadline (``read_body``), idle keep-alive connections uvicorn's ``timeout_keep_alive``.
     """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.limits = connection_limits()
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.counted_as: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
@@ -379,6 +381,54 @@ class NoDelayH11Protocol(H11Protocol):
             with suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
+        address = self.client[0] if self.client else "local"
+        cap = self.limits.max_connections_per_client
+        if _open_connections[address] >= cap:
+            self.logger.warning("%s already holds %d connections: refused one more", address, cap)
+            transport.write(_raw_response(503, "Service Unavailable", f"this address already holds {cap} "
+                                          "open connections: close some or retry later"))
+            transport.close()
+            return
+        _open_connections[address] += 1
+        self.counted_as = address
+        self.start_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_header_timer()
+        if self.counted_as is not None:
+            _open_connections[self.counted_as] -= 1
+            if _open_connections[self.counted_as] <= 0:
+                del _open_connections[self.counted_as]
+            self.counted_as = None
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a new request's headers are complete
+            self.cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        super().on_response_complete()
+        if self.cycle is cycle and not self.transport.is_closing():  # no pipelined request started
+            self.start_header_timer()
+
+    def start_header_timer(self) -> None:
+        self.cancel_header_timer()
+        self.header_timer = self.loop.call_later(self.limits.header_timeout_s, self.header_timeout)
+
+    def cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def header_timeout(self) -> None:
+        self.header_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(408, "Request Timeout", "the request headers did not arrive within "
+                                               f"{self.limits.header_timeout_s:g} s"))
+            self.transport.close()
 
 
 def _cpu_count() -> int:
@@ -412,6 +462,20 @@ def _check_port(host: str, port: int) -> None:
             raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port") from None
 
 
+def check_runs_load(named: dict[str, Path], limits: Limits) -> None:
+    """Load every run as a worker will, so a damaged one fails here with its reason, before anything listens.
+
+    Inside uvicorn's start-up the same error would be a traceback per worker.
+    """
+    for name, path in named.items():
+        try:
+            load_model(name, path, limits)
+        except EdgeadError:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise RunFolderError(f"run {path} (served as {name}) cannot be loaded: {type(exc).__name__}: {exc}") from None
+
+
 def serve(
     runs: Sequence[str | Path],
     host: str = "127.0.0.1",
@@ -420,26 +484,32 @@ def serve(
     api_key_file: str | Path | None = None,
     limits: Limits | None = None,
     log_level: str = "info",
+    announce: Callable[[str], None] | None = None,
 ) -> None:
     """Start uvicorn with ``workers`` processes serving ``runs``; returns when the server stops (Ctrl-C).
 
-    Everything a user can get wrong (run folders, key file, port) is checked here, before uvicorn starts.
-    Each worker gets an equal share of the CPU cores for torch and faiss.
+    Everything a user can get wrong (run folders and their weights, key file, port) is checked here, before
+    uvicorn starts; then ``announce`` gets the address. Each worker gets an equal share of the CPU cores for
+    torch and faiss.
     """
     import uvicorn
 
     if not 1 <= workers <= 64:
         raise UsageError(f"--workers must be 1..64, got {workers}")
+    limits = limits or Limits()
     named = parse_run_args(runs)
     read_api_key(api_key_file)
     _check_port(host, port)
+    check_runs_load(named, limits)
     settings = {
         "runs": {name: str(path.resolve()) for name, path in named.items()},
         "api_key_file": str(Path(api_key_file).resolve()) if api_key_file else None,
-        "limits": (limits or Limits()).model_dump(),
+        "limits": limits.model_dump(),
         "threads": max(1, _cpu_count() // workers),
     }
     os.environ[ENV_CONFIG] = json.dumps(settings)
+    if announce is not None:
+        announce(f"serving {', '.join(named)} on http://{host}:{port} with {workers} worker(s); Ctrl-C stops")
     uvicorn.run("edgead.edge.server:create_app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, timeout_keep_alive=5, http="edgead.edge.server:NoDelayH11Protocol", limit_concurrency=64,
-                timeout_graceful_shutdown=10)
+                log_level=log_level, timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
+                http="edgead.edge.server:NoDelayH11Protocol", limit_concurrency=64, timeout_graceful_shutdown=10)

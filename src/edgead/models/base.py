@@ -54,6 +54,13 @@ class Head(nn.Module):
         """The backbone stages this method uses when none are given; None = the backbone's default."""
         return None
 
+    def check_sizes(self, image_size: int, backbone: nn.Module | None = None) -> None:
+        """Raise SizeError if these settings cannot work at ``image_size`` or clearly would not fit in memory.
+
+        Called before anything is built or fitted: by the fit options check with the image size alone, and
+        by :class:`Pipeline` with the backbone too (its ``out_channels`` and ``stride``).
+        """
+
     def attach(self, in_channels: int) -> None:
         """Called once the backbone is known; heads with learned layers build them here."""
 
@@ -118,6 +125,7 @@ class Pipeline(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: Head, image_size: int, blur_sigma: float = 4.0) -> None:
         super().__init__()
+        head.check_sizes(image_size, backbone)  # a range error, not an allocator error while building
         backbone = head.build_extractor(backbone, image_size)
         self.backbone = backbone
         self.head = head

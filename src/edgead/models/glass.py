@@ -36,19 +36,25 @@ from torch import nn
 
 from edgead.data.datasets import Sample
 from edgead.data.images import load_rgb, resize_image
-from edgead.errors import DatasetError
+from edgead.errors import DatasetError, SizeError
 from edgead.metrics import image_auroc
 from edgead.models.base import Pipeline, TrainableHead
 from edgead.progress import progress as progress_bar
 from edgead.validation import (
+    BatchSize,
+    Channels,
+    Epochs,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     Ratio,
     Seed,
+    Views,
+    check_memory,
     hyperparameters,
 )
+
+# A 2048 px image at stride 8 has 65,536 feature positions: more patches per image are never drawn.
+MAX_PATCHES_PER_IMAGE = 65_536
 
 
 def focal_loss(probabilities: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -77,18 +83,18 @@ class TinyGlass(TrainableHead):
     @hyperparameters
     def __init__(
         self,
-        in_channels: PositiveInt | None = None,
-        hidden: PositiveInt = 256,
-        epochs: PositiveInt = 30,
-        views: PositiveInt = 4,
+        in_channels: Channels | None = None,
+        hidden: Channels = 256,
+        epochs: Epochs = 30,
+        views: Views = 4,
         augment: bool = True,
-        batch_size: PositiveInt = 8,
-        patches_per_image: PositiveInt = 256,
+        batch_size: BatchSize = 8,
+        patches_per_image: Annotated[int, Field(ge=1, le=MAX_PATCHES_PER_IMAGE)] = 256,
         lr_adaptor: PositiveFloat = 1e-4,
         lr_discriminator: PositiveFloat = 2e-4,
         gas: Literal["manifold", "hypersphere"] = "manifold",
         noise_std: NonNegativeFloat = 0.015,
-        gas_steps: NonNegativeInt = 5,
+        gas_steps: Annotated[int, Field(ge=0, le=1000)] = 5,
         gas_step_size: NonNegativeFloat = 0.001,
         radius: PositiveFloat = 0.5,
         radius_quantile: Ratio = 0.75,
@@ -126,6 +132,35 @@ class TinyGlass(TrainableHead):
             "noise_std gas_steps gas_step_size radius radius_quantile use_foreground hard_mining seed"
         ).split()
         return {name: getattr(self, name) for name in names}
+
+    def check_sizes(self, image_size: int, backbone: nn.Module | None = None) -> None:
+        """The head's weights (with AdamW's state) and the discriminator's activations on a batch of
+        16 feature maps must fit; a given ``in_channels`` must be the backbone's."""
+        if backbone is None:
+            return
+        channels, positions = backbone.out_channels, (image_size // backbone.stride) ** 2
+        if self.in_channels is not None and self.in_channels != channels:
+            raise SizeError(
+                f"bad hyperparameter for model 'tinyglass': in_channels {self.in_channels} is not the "
+                f"{channels} channels of backbone {backbone.name} at layers {backbone.layers}"
+            )
+        parameters = channels * channels + channels * self.hidden
+        check_memory(
+            f"bad hyperparameter for model 'tinyglass': hidden {self.hidden} at image size {image_size}",
+            16 * parameters + 4 * 16 * self.hidden * positions,
+            "use a smaller hidden or image size",
+        )
+
+    def check_cache(self, pipeline: Pipeline, n_images: int) -> None:
+        """The cached features (normal and LAS, ``views`` of each training image) must fit."""
+        backbone = pipeline.backbone
+        floats = 2 * self.views * n_images * backbone.out_channels * (pipeline.image_size // backbone.stride) ** 2
+        check_memory(
+            f"bad hyperparameter for model 'tinyglass': views {self.views} of {n_images} images at image size "
+            f"{pipeline.image_size}",
+            4 * floats,
+            "use fewer views or a smaller image size",
+        )
 
     def attach(self, in_channels: int) -> None:
         if self.adaptor is None:
@@ -269,6 +304,7 @@ class TinyGlass(TrainableHead):
     ) -> TinyGlass:
         if len(samples) < 2:
             raise DatasetError("TinyGLASS needs at least 2 training images (after the validation split): add more defect-free images")
+        self.check_cache(pipeline, len(samples))
         normal, synthetic, masks = self._cache_views(pipeline, samples, progress)
         selection = self._selection_set(pipeline, validation, progress) if validation else None
         self.attach(normal.shape[1])

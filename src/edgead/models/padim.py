@@ -7,13 +7,15 @@ subset of channels keeps the covariance matrices small, as in the paper.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
+from torch import nn
 
 from edgead.errors import DatasetError
 from edgead.models.base import Head
-from edgead.validation import NonNegativeFloat, PositiveInt, Seed, hyperparameters
+from edgead.validation import NonNegativeFloat, Seed, check_memory, hyperparameters
 
 
 class Padim(Head):
@@ -31,7 +33,7 @@ class Padim(Head):
     @hyperparameters
     def __init__(
         self,
-        n_features: PositiveInt | None = 100,
+        n_features: Annotated[int, Field(ge=1, le=4096)] | None = 100,
         epsilon: NonNegativeFloat = 0.01,
         seed: Seed = 0,
         storage: Literal["float16", "float32"] = "float16",
@@ -44,6 +46,19 @@ class Padim(Head):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"n_features": self.n_features, "epsilon": self.epsilon, "seed": self.seed, "storage": self.storage}
+
+    def check_sizes(self, image_size: int, backbone: nn.Module | None = None) -> None:
+        """The float64 covariances (running scatter, batch scatter, inverse) of every position must fit."""
+        if backbone is None:
+            return
+        channels = min(self.n_features or backbone.out_channels, backbone.out_channels)
+        positions = (image_size // backbone.stride) ** 2
+        check_memory(
+            f"bad hyperparameter for model 'padim': n_features {self.n_features} ({channels} channels kept) at "
+            f"image size {image_size} ({positions} positions)",
+            3 * positions * channels**2 * 8,
+            "use a smaller n_features or image size",
+        )
 
     def fit(self, features: torch.Tensor, progress: bool = False) -> Padim:
         return self.fit_stream(features.split(16), len(features), progress=progress)

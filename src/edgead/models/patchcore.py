@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from edgead.errors import DatasetError
 from edgead.models.base import Head
 from edgead.progress import progress as progress_bar
-from edgead.validation import PositiveInt, Ratio, Seed, hyperparameters
+from edgead.validation import BankSize, Ratio, Seed, hyperparameters
 
 
 def random_projection(dim: int, projection_dim: int, generator: torch.Generator) -> torch.Tensor | None:
@@ -218,16 +219,16 @@ class PatchCore(Head):
     def __init__(
         self,
         coreset_ratio: Ratio = 0.1,
-        max_bank_size: PositiveInt = 20000,
-        num_neighbours: PositiveInt = 9,
-        projection_dim: PositiveInt = 128,
+        max_bank_size: BankSize = 20000,
+        num_neighbours: Annotated[int, Field(ge=1, le=1000)] = 9,
+        projection_dim: Annotated[int, Field(ge=1, le=4096)] = 128,
         seed: Seed = 0,
-        chunk_size: PositiveInt = 16384,
+        chunk_size: BankSize = 16384,
         knn: Literal["hnsw", "flat"] = "hnsw",
-        ef_search: PositiveInt = 16,
-        hnsw_neighbours: PositiveInt = 32,
+        ef_search: Annotated[int, Field(ge=1, le=4096)] = 16,
+        hnsw_neighbours: Annotated[int, Field(ge=1, le=256)] = 32,
         image_score: Literal["map_max", "reweighted"] = "map_max",
-        bank_size: PositiveInt | None = None,
+        bank_size: BankSize | None = None,
     ) -> None:
         super().__init__()
         self.coreset_ratio = coreset_ratio

@@ -10,6 +10,10 @@ nothing is downloaded). YuNet would be more accurate but its model file is not b
 Regions come from a JSON file of polygons in pixel coordinates of the source frame::
 
     {"polygons": [[[10, 10], [200, 10], [200, 120], [10, 120]], [[400, 300], [500, 300], [450, 400]]]}
+
+A region that is not blurred must never look as if it were: coordinates must be finite and within
++-MAX_COORDINATE, polygons need 3 points and a non-zero area, each polygon is clipped to the frame, and one
+that covers no pixel of a frame stops the run with a PrivacyError (at the first frame of each size).
 """
 
 from __future__ import annotations
@@ -29,30 +33,74 @@ _MIN_FACE_FRACTION = 0.05
 _DETECT_SIZE = 320
 # A detected face box is grown by this share on each side, to cover hair, ears and chin.
 _FACE_MARGIN = 0.2
+# Region coordinates beyond this many pixels are refused: 6 times a 16K frame's width, so only a wrong file.
+MAX_COORDINATE = 100_000
 
 
 class PrivacyError(EdgeadError):
     """A privacy option or region file is invalid."""
 
 
+def _points(polygon: object) -> np.ndarray | None:
+    """A polygon's points as float64 N x 2, or None unless it is a list of [x, y] numbers."""
+    if not isinstance(polygon, list) or not all(
+        isinstance(point, list)
+        and len(point) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in point)
+        for point in polygon
+    ):
+        return None
+    return np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+
+
 def _validate_polygons(data: object, path: Path) -> list[np.ndarray]:
+    """Refuse anything that is not a real polygon in pixel range: a blur that silently misses is a leak."""
     polygons = data.get("polygons") if isinstance(data, dict) else data
     if not isinstance(polygons, list) or not polygons:
         raise PrivacyError(f'{path}: expected {{"polygons": [[[x, y], ...], ...]}} with at least one polygon')
     result = []
     for i, polygon in enumerate(polygons):
-        try:
-            points = np.asarray(polygon, dtype=np.float64)
-        except (TypeError, ValueError):
-            points = np.empty(0)
-        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
+        points = _points(polygon)
+        if points is None or len(points) < 3:
             raise PrivacyError(f"{path}: polygon {i} must be a list of at least 3 [x, y] pixel points")
-        result.append(np.round(points).astype(np.int32))
+        if not np.isfinite(points).all():
+            raise PrivacyError(f"{path}: polygon {i} has a NaN or infinite coordinate")
+        largest = float(np.abs(points).max())
+        if largest > MAX_COORDINATE:
+            raise PrivacyError(
+                f"{path}: polygon {i} has a coordinate of {largest:g}, beyond the +-{MAX_COORDINATE} allowed: "
+                "regions are pixel coordinates of the source frame"
+            )
+        if np.linalg.matrix_rank(points - points[0]) < 2:
+            raise PrivacyError(f"{path}: polygon {i} has zero area (its points lie on one line or coincide)")
+        result.append(points)
     return result
 
 
+def clip_polygon(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The part of a polygon over the frame's pixel centres (Sutherland-Hodgman; empty when outside).
+
+    Clipping first keeps the coordinates handed to OpenCV small, whatever the file held.
+    """
+    edges = ((0, 0.0, False), (0, width - 1.0, True), (1, 0.0, False), (1, height - 1.0, True))
+    for axis, limit, below in edges:
+        if len(points) == 0:
+            break
+        inside = points[:, axis] <= limit if below else points[:, axis] >= limit
+        kept = []
+        for k in range(len(points)):
+            if inside[k] != inside[k - 1]:  # the edge from the previous point crosses the limit
+                previous, current = points[k - 1], points[k]
+                t = (limit - previous[axis]) / (current[axis] - previous[axis])
+                kept.append(previous + t * (current - previous))
+            if inside[k]:
+                kept.append(points[k])
+        points = np.asarray(kept, dtype=np.float64).reshape(-1, 2)
+    return points
+
+
 def load_regions(path: str | Path) -> list[np.ndarray]:
-    """Polygons (each N x 2 int32, pixel x/y) from a JSON region file, with clear errors."""
+    """Polygons (each N x 2 float64, pixel x/y) from a JSON region file, with clear errors."""
     path = Path(path)
     if not path.is_file():
         raise PrivacyError(f"region file {path} does not exist")
@@ -114,6 +162,7 @@ class PrivacyFilter:
         if blur is not None and blur not in BLUR_TARGETS:
             raise PrivacyError(f"--blur {blur!r} is not supported; choose one of: {', '.join(BLUR_TARGETS)}")
         self.faces = FaceDetector() if blur == "faces" else None
+        self.regions = Path(regions) if regions is not None else None
         self.polygons = load_regions(regions) if regions is not None else []
         self._polygon_mask: np.ndarray | None = None
 
@@ -122,18 +171,43 @@ class PrivacyFilter:
         return self.faces is not None or bool(self.polygons)
 
     def mask(self, image: np.ndarray) -> np.ndarray:
-        """The pixels to blur in this frame (bool H x W)."""
+        """The pixels to blur in this frame (bool H x W); PrivacyError if a region misses the frame."""
         h, w = image.shape[:2]
         if self._polygon_mask is None or self._polygon_mask.shape != (h, w):
-            canvas = np.zeros((h, w), np.uint8)
-            if self.polygons:
-                cv2.fillPoly(canvas, self.polygons, 1)
-            self._polygon_mask = canvas.astype(bool)
+            self._polygon_mask = self.region_mask(h, w)
         mask = self._polygon_mask.copy()
         if self.faces is not None:
             for x, y, bw, bh in self.faces.detect(image):
                 mask[max(0, y) : max(0, y + bh), max(0, x) : max(0, x + bw)] = True
         return mask
+
+    def region_mask(self, height: int, width: int) -> np.ndarray:
+        """The region polygons clipped to a ``width`` x ``height`` frame (bool H x W).
+
+        Each polygon must cover at least one pixel of the frame: one that does not is refused, so nobody
+        believes a region is blurred when nothing is.
+        """
+        mask = np.zeros((height, width), np.uint8)
+        missing = []
+        for i, points in enumerate(self.polygons):
+            clipped = clip_polygon(points, width, height)
+            canvas = np.zeros_like(mask)
+            if len(clipped):
+                cv2.fillPoly(canvas, [np.round(clipped).astype(np.int32)], 1)
+            if not canvas.any():
+                missing.append(i)
+            mask |= canvas
+        if missing:
+            if len(missing) == len(self.polygons):
+                which = "no polygon covers any pixel" if len(missing) > 1 else "its polygon covers no pixel"
+            else:
+                plural = len(missing) > 1
+                which = f"polygon{'s' * plural} {', '.join(map(str, missing))} cover{'s' * (not plural)} no pixel"
+            raise PrivacyError(
+                f"--blur-regions {self.regions}: {which} of the {width}x{height} frame, so nothing there would "
+                "be blurred; regions are pixel coordinates (x, y) of the source frame"
+            )
+        return mask.astype(bool)
 
     def apply(self, image: np.ndarray) -> tuple[np.ndarray, int]:
         """(the blurred copy of ``image``, number of blurred pixels); the input is left untouched."""

@@ -31,11 +31,11 @@ from edgead.data.images import resize_image
 from edgead.deploy.runtimes import Inferencer, load_inferencer
 from edgead.errors import EdgeadError, NonFiniteError, UsageError
 from edgead.metrics import normalize_scores
-from edgead.outputs import check_output_dir, write_records_csv
+from edgead.outputs import check_output_dir, check_outside, write_records_csv
 from edgead.progress import progress as progress_bar
 from edgead.runtime.annotate import annotate_frame
 from edgead.runtime.cvpaths import WritablePath, write_image
-from edgead.runtime.privacy import PrivacyFilter
+from edgead.runtime.privacy import PrivacyError, PrivacyFilter
 from edgead.runtime.sources import CaptureSource, Frame, FrameSource, open_source, prefetch
 
 VIDEO_CODECS = {"mp4": "mp4v", "webm": "VP80", "avi": "MJPG"}
@@ -134,6 +134,8 @@ def _prepare(frames: Iterable[Frame], privacy: PrivacyFilter, size: int) -> Iter
                 # Replace, never keep: from here on only the blurred frame exists.
                 frame.image, item.blurred_pixels = privacy.apply(frame.image)
                 item.model_input = resize_image(frame.image, size)
+            except PrivacyError:  # regions that miss the frame end the run: never a frame believed blurred
+                raise
             except Exception as exc:  # one bad frame must not end the loop  # noqa: BLE001
                 frame.image, frame.error = None, f"cannot prepare frame: {exc}"
         yield item
@@ -260,6 +262,10 @@ def run_stream(
         raise UsageError(f"--threads must be between 1 and 256, got {threads}")
     privacy = PrivacyFilter(blur, blur_regions)  # bad options fail before anything is opened
     out_dir = check_output_dir(out_dir, PREDICTIONS_CSV, kind="predictions")
+    if not isinstance(sources, FrameSource):
+        sources = [sources] if isinstance(sources, str | Path) else list(sources)
+        for folder in (Path(s) for s in sources if Path(s).is_dir()):
+            check_outside(out_dir, folder, "--out", "the input folder")
     model = model if isinstance(model, Inferencer) else load_inferencer(model, runtime, threads)
     config = model.config
     source = sources if isinstance(sources, FrameSource) else open_source(sources, max_frames)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from edgead.errors import SizeError
 from edgead.models.base import Pipeline, TrainableHead
 from edgead.models.student.model import (
     BACKBONE_DESCRIPTION,
@@ -26,7 +27,17 @@ from edgead.models.student.model import (
     image_encoder,
     upsampling_steps,
 )
-from edgead.validation import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, hyperparameters
+from edgead.validation import (
+    BatchSize,
+    Channels,
+    NonNegativeFloat,
+    PositiveFloat,
+    Seed,
+    Steps,
+    Width,
+    check_memory,
+    hyperparameters,
+)
 
 SSIM_WINDOW = 7
 
@@ -101,10 +112,10 @@ class ReconstructionError(TrainableHead):
     def __init__(
         self,
         error: Literal["l2", "ssim"] = "ssim",
-        code: PositiveInt = 128,
-        width: PositiveInt = 32,
-        steps: PositiveInt = 1000,
-        batch_size: PositiveInt = 8,
+        code: Channels = 128,
+        width: Width = 32,
+        steps: Steps = 1000,
+        batch_size: BatchSize = 8,
         lr: PositiveFloat = 1e-3,
         weight_decay: NonNegativeFloat = 1e-5,
         seed: Seed = 0,
@@ -121,6 +132,21 @@ class ReconstructionError(TrainableHead):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in "error code width steps batch_size lr weight_decay seed".split()}
+
+    def check_sizes(self, image_size: int, backbone: nn.Module | None = None) -> None:
+        """The side must halve six times; weights (with Adam's state) and a batch's activations must fit."""
+        if image_size % 64:
+            raise SizeError(f"the autoencoder model needs an input side that is a multiple of 64, not {image_size}")
+        w, side = self.width, image_size // 2
+        # ~384 w^2 in the 4x4 and 3x3 convolutions, the folding convolution, the decoder's first step
+        weights = 384 * w**2 + 4 * w * self.code * (side // 32) ** 2 + 36 * w * self.code
+        activations = 2 * 3 * w * side**2  # outputs kept for backward and their gradients, per image
+        check_memory(
+            f"bad hyperparameter for model 'autoencoder': width {w}, code {self.code} and batch_size "
+            f"{self.batch_size} at image size {image_size}",
+            16 * weights + 4 * self.batch_size * activations,
+            "use a smaller width, code, batch_size or image size",
+        )
 
     def build_extractor(self, backbone: nn.Module, image_size: int) -> nn.Module:
         return Reconstruction(backbone, image_size, self.code, self.width, self.seed)

@@ -22,19 +22,40 @@ recipe is in :mod:`edgead.models.differnet.train`.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from edgead.errors import UsageError
+from edgead.errors import SizeError, UsageError
 from edgead.models.base import Pipeline, TrainableHead
 from edgead.models.student.model import BACKBONE_DESCRIPTION, describe_as
-from edgead.validation import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, hyperparameters
+from edgead.validation import (
+    BatchSize,
+    Epochs,
+    NonNegativeFloat,
+    PositiveFloat,
+    Seed,
+    Views,
+    check_memory,
+    hyperparameters,
+)
 
 MIN_SCALE_SIDE = 32  # the smallest scale must still give the backbone a non-empty deepest stage
+MAX_SCALES = 7  # 2048 px (the largest image size) halved 6 times is MIN_SCALE_SIDE
+
+
+def check_scales(image_size: int, scales: int) -> None:
+    """Raise SizeError unless ``image_size`` halves ``scales - 1`` times to at least MIN_SCALE_SIDE."""
+    factor = 2 ** (scales - 1)
+    if image_size % factor or image_size // factor < MIN_SCALE_SIDE:
+        raise SizeError(
+            f"differnet with {scales} scales needs an input side divisible by {factor} whose smallest "
+            f"scale is at least {MIN_SCALE_SIDE} px, not {image_size} (try --image-size 448)"
+        )
 
 
 class MultiScalePooled(nn.Module):
@@ -42,12 +63,7 @@ class MultiScalePooled(nn.Module):
 
     def __init__(self, backbone: nn.Module, image_size: int, scales: int) -> None:
         super().__init__()
-        factor = 2 ** (scales - 1)
-        if image_size % factor or image_size // factor < MIN_SCALE_SIDE:
-            raise UsageError(
-                f"differnet with {scales} scales needs an input side divisible by {factor} whose smallest "
-                f"scale is at least {MIN_SCALE_SIDE} px, not {image_size} (try --image-size 448)"
-            )
+        check_scales(image_size, scales)
         self.backbone = backbone
         self.scales = scales
         describe_as(self, backbone, BACKBONE_DESCRIPTION)
@@ -115,17 +131,17 @@ class DifferNet(TrainableHead):
     @hyperparameters
     def __init__(
         self,
-        scales: PositiveInt = 3,
-        blocks: PositiveInt = 8,
-        hidden: PositiveInt = 2048,
+        scales: Annotated[int, Field(ge=1, le=MAX_SCALES)] = 3,
+        blocks: Annotated[int, Field(ge=1, le=64)] = 8,
+        hidden: Annotated[int, Field(ge=1, le=65_536)] = 2048,
         clamp: PositiveFloat = 3.0,
-        epochs: PositiveInt = 24,
-        views: PositiveInt = 16,
+        epochs: Epochs = 24,
+        views: Views = 16,
         rotation: NonNegativeFloat = 180.0,
-        batch_size: PositiveInt = 96,
+        batch_size: BatchSize = 96,
         lr: PositiveFloat = 2e-4,
         weight_decay: NonNegativeFloat = 1e-5,
-        test_transforms: PositiveInt = 16,
+        test_transforms: Annotated[int, Field(ge=1, le=360)] = 16,
         seed: Seed = 0,
     ) -> None:
         super().__init__()
@@ -153,6 +169,20 @@ class DifferNet(TrainableHead):
         """One stage, pooled: SqueezeNet's stride-4 fire output (128 channels, the paper's 128 x 3 scales),
         otherwise the stride-16 stage (EfficientNet-Lite0: 112 channels, 336 dimensions over 3 scales)."""
         return (1,) if backbone == "squeezenet1_1" else (3,)
+
+    def check_sizes(self, image_size: int, backbone: nn.Module | None = None) -> None:
+        """The scales must fit the image; the flow's weights (with Adam's state) must fit in memory."""
+        check_scales(image_size, self.scales)
+        if backbone is None:
+            return
+        dims = backbone.out_channels * self.scales
+        weights = self.blocks * (dims // 2 + 1 + dims) * self.hidden  # each coupling's subnet: D/2 -> hidden -> D
+        check_memory(
+            f"bad hyperparameter for model 'differnet': a flow of {self.blocks} blocks with hidden {self.hidden} "
+            f"on {dims} dimensions",
+            16 * weights,
+            "use a smaller hidden or fewer blocks or scales",
+        )
 
     def build_extractor(self, backbone: nn.Module, image_size: int) -> nn.Module:
         return MultiScalePooled(backbone, image_size, self.scales)

@@ -14,15 +14,33 @@ Training: :mod:`.train`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from edgead.errors import SizeError
 from edgead.models.base import Pipeline, TrainableHead
 from edgead.models.patchcore import PatchCore
-from edgead.models.student.model import BACKBONE_DESCRIPTION, STUDENT_STRIDE, PatchDescriptionNet, describe_as
-from edgead.validation import PositiveFloat, PositiveInt, Ratio, Seed, hyperparameters
+from edgead.models.student.model import (
+    BACKBONE_DESCRIPTION,
+    STUDENT_STRIDE,
+    PatchDescriptionNet,
+    describe_as,
+    description_net_memory,
+)
+from edgead.validation import (
+    BatchSize,
+    Channels,
+    PositiveFloat,
+    Ratio,
+    Seed,
+    Steps,
+    Width,
+    check_memory,
+    hyperparameters,
+)
 
 
 class ContrastiveEncoder(nn.Module):
@@ -50,11 +68,11 @@ class SimClr(PatchCore, TrainableHead):
     @hyperparameters
     def __init__(
         self,
-        dim: PositiveInt = 128,
-        width: PositiveInt = 32,
-        steps: PositiveInt = 500,
-        batch_size: PositiveInt = 16,
-        crop: PositiveInt = 128,
+        dim: Channels = 128,
+        width: Width = 32,
+        steps: Steps = 500,
+        batch_size: BatchSize = 16,
+        crop: Annotated[int, Field(ge=STUDENT_STRIDE, le=2048)] = 128,
         temperature: PositiveFloat = 0.5,
         lr: PositiveFloat = 1e-3,
         coreset_ratio: Ratio = 0.1,
@@ -72,6 +90,20 @@ class SimClr(PatchCore, TrainableHead):
     def hyperparameters(self) -> dict[str, Any]:
         names = "dim width steps batch_size crop temperature lr coreset_ratio seed".split()
         return {name: getattr(self, name) for name in names}
+
+    def check_sizes(self, image_size: int, backbone: nn.Module | None = None) -> None:
+        """The crop is a part of the image; training two views of a batch of crops must fit."""
+        if self.crop > image_size:
+            raise SizeError(
+                f"bad hyperparameter for model 'simclr': crop {self.crop} is larger than the image size "
+                f"{image_size}; use crop <= {image_size} or a larger --image-size"
+            )
+        check_memory(
+            f"bad hyperparameter for model 'simclr': width {self.width} with batch_size {self.batch_size} "
+            f"and crop {self.crop}",
+            description_net_memory(self.width, self.crop, 2 * self.batch_size),
+            "use a smaller width, batch_size or crop",
+        )
 
     def build_extractor(self, backbone: nn.Module, image_size: int) -> nn.Module:
         return ContrastiveEncoder(backbone, self.dim, self.width, self.seed)

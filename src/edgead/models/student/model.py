@@ -30,7 +30,18 @@ from torch import nn
 
 from edgead.errors import UsageError
 from edgead.models.base import Pipeline, TrainableHead
-from edgead.validation import NonNegativeFloat, PositiveFloat, PositiveInt, Ratio, Seed, hyperparameters
+from edgead.validation import (
+    BatchSize,
+    NonNegativeFloat,
+    PositiveFloat,
+    Ratio,
+    Seed,
+    Steps,
+    Views,
+    Width,
+    check_memory,
+    hyperparameters,
+)
 
 STUDENT_STRIDE = 8  # the student's output stride: the teacher's finest default stage (stride 8)
 
@@ -91,6 +102,13 @@ class PatchDescriptionNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images)
+
+
+def description_net_memory(width: int, side: int, batch: int) -> float:
+    """Bytes to train a :class:`PatchDescriptionNet` on ``batch`` images of ``side`` px (an estimate that
+    errs low): float32 weights, gradients and Adam's two moments (about 392 width^2 weights), plus every
+    layer's output kept for the backward pass and its gradient (0.56 width x side^2 values per image)."""
+    return 16 * 392 * width**2 + 4 * 2 * batch * 0.5625 * width * side**2
 
 
 class FeatureAutoencoder(nn.Module):
@@ -158,11 +176,11 @@ class Student(TrainableHead):
     @hyperparameters
     def __init__(
         self,
-        width: PositiveInt = 32,
+        width: Width = 32,
         autoencoder: bool = True,
-        steps: PositiveInt = 2000,
-        batch_size: PositiveInt = 8,
-        views: PositiveInt = 4,
+        steps: Steps = 2000,
+        batch_size: BatchSize = 8,
+        views: Views = 4,
         lr: PositiveFloat = 1e-3,
         weight_decay: NonNegativeFloat = 1e-5,
         hard_quantile: Ratio = 0.999,
@@ -196,6 +214,14 @@ class Student(TrainableHead):
             "width autoencoder steps batch_size views lr weight_decay hard_quantile penalty quantile_low quantile_high seed"
         ).split()
         return {name: getattr(self, name) for name in names}
+
+    def check_sizes(self, image_size: int, backbone: nn.Module | None = None) -> None:
+        check_memory(
+            f"bad hyperparameter for model 'student': width {self.width} with batch_size {self.batch_size} at "
+            f"image size {image_size}",
+            description_net_memory(self.width, image_size, self.batch_size),
+            "use a smaller width, batch_size or image size",
+        )
 
     def build_extractor(self, backbone: nn.Module, image_size: int) -> nn.Module:
         return TeacherStudent(backbone, image_size, self.width, self.autoencoder, self.seed)
