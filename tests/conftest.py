@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -128,3 +132,36 @@ def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
     target = tmp_path / name
     shutil.copytree(run, target)
     return target
+
+
+@contextmanager
+def running_server(command: list[str], port: int, log_path: Path) -> Iterator[str]:
+    """A scoring server subprocess on loopback (one thread per library): its URL once /healthz answers (120 s
+    at most); stopped with SIGTERM, then SIGKILL of the session it started, and only it."""
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"the server exited: {log_path.read_text()[-2000:]}")
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail("the server did not start within 120 s")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

@@ -12,7 +12,6 @@ import math
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import running_server
 from PIL import Image
 
 from edgead.edge.client import (
@@ -378,35 +378,10 @@ def padim_run(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
 def server(padim_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`edgead serve` with a short header timeout and a small per-address cap, one worker."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("hostile_log") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edgead", "serve", str(padim_run), "--port", str(port), "--header-timeout",
-             str(HEADER_TIMEOUT_S), "--max-client-connections", str(PER_CLIENT)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"the server exited: {log_path.read_text()[-2000:]}")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("the server did not start within 120 s")
-                time.sleep(0.2)
-            yield url
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)  # the session this test started, and only it
-                process.wait()
+    command = [sys.executable, "-m", "edgead", "serve", str(padim_run), "--port", str(port), "--header-timeout",
+               str(HEADER_TIMEOUT_S), "--max-client-connections", str(PER_CLIENT)]
+    with running_server(command, port, tmp_path_factory.mktemp("hostile_log") / "server.log") as url:
+        yield url
 
 
 def _connect(url: str, source: str = "127.0.0.1") -> socket.socket:

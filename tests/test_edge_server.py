@@ -7,9 +7,7 @@ import asyncio
 import csv
 import io
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import running_server
 from PIL import Image
 
 from edgead.edge.codecs import CODECS, FEATURE_CODECS, create_codec
@@ -66,37 +65,9 @@ def served(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     key_file = root / "key.txt"
     key_file.write_text("k" * 8 + os.urandom(12).hex() + "\n")
     port = free_port()
-    log = (root / "server.log").open("w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(run), str(port), str(key_file), str(MAX_BODY)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=30)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                if http.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not start within 120 s")
-            time.sleep(0.2)
+    command = [sys.executable, "-c", SERVE, str(run), str(port), str(key_file), str(MAX_BODY)]
+    with running_server(command, port, root / "server.log") as url, httpx.Client(base_url=url, timeout=30) as http:
         yield Served(url, key_file.read_text().strip(), run, synthetic_dataset, http)
-    finally:
-        http.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the session this test started, and only it
-            process.wait()
-        log.close()
 
 
 def _detail(response: httpx.Response) -> str:

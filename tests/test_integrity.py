@@ -21,13 +21,14 @@ from edgead.integrity import IntegrityError
 from edgead.runs import SEAL_KEY, load_run
 
 
+def changed(fields: dict, changes: dict) -> dict:
+    """``fields`` with ``changes`` applied; a value of ``KeyError`` deletes the key."""
+    fields = {**fields, **changes}
+    return {key: value for key, value in fields.items() if value is not KeyError}
+
+
 def edit_config(run: Path, reseal: bool = False, **changes) -> dict:
-    config = json.loads((run / "config.json").read_text())
-    for key, value in changes.items():
-        if value is KeyError:
-            config.pop(key)
-        else:
-            config[key] = value
+    config = changed(json.loads((run / "config.json").read_text()), changes)
     if reseal:
         write_sealed_config(run, config)
     else:
@@ -37,12 +38,7 @@ def edit_config(run: Path, reseal: bool = False, **changes) -> dict:
 
 def edit_onnx_metadata(path: Path, out: Path, reseal: bool = False, **changes) -> Path:
     model = onnx.load(str(path))
-    metadata = {p.key: p.value for p in model.metadata_props}
-    for key, value in changes.items():
-        if value is KeyError:
-            metadata.pop(key)
-        else:
-            metadata[key] = value
+    metadata = changed({p.key: p.value for p in model.metadata_props}, changes)
     if reseal:
         metadata = seal_metadata(metadata)
     del model.metadata_props[:]
