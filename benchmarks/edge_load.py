@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 
 from edgead.data.images import list_images, load_rgb
+from edgead.edge.client import EdgeClientError, wait_until_healthy
 from edgead.edge.codecs import create_codec
 from edgead.outputs import atomic_write_text
 from edgead.reporting import markdown_table, results_header
@@ -149,18 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     process = subprocess.Popen([sys.executable, "-c", SERVE, str(run), str(port), str(args.workers)],
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                sys.exit("the server exited during start-up")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                sys.exit("the server did not start within 180 s")
-            time.sleep(0.5)
+        try:
+            wait_until_healthy(url, lambda: process.poll() is None, timeout_s=180)
+        except EdgeClientError as exc:
+            sys.exit(str(exc))
         model = run.resolve().name
         asyncio.run(load(url, model, bodies, args.clients, 3.0, 200))  # warm-up: every worker has scored
         before = tree_rss_mb(process.pid)

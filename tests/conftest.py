@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,25 +137,17 @@ def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
 def running_server(command: list[str], port: int, log_path: Path) -> Iterator[str]:
     """A scoring server subprocess on loopback (one thread per library): its URL once /healthz answers (120 s
     at most); stopped with SIGTERM, then SIGKILL of the session it started, and only it."""
-    import httpx
+    from edgead.edge.client import EdgeClientError, wait_until_healthy
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     url = f"http://127.0.0.1:{port}"
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"the server exited: {log_path.read_text()[-2000:]}")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("the server did not start within 120 s")
-                time.sleep(0.2)
+            try:
+                wait_until_healthy(url, lambda: process.poll() is None)
+            except EdgeClientError as exc:
+                pytest.fail(f"{exc}: {log_path.read_text()[-2000:]}")
             yield url
         finally:
             process.send_signal(signal.SIGTERM)

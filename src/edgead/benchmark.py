@@ -322,16 +322,11 @@ def check_benchmark_inputs(paths: Sequence[tuple[str, Path]], runtimes: Sequence
         if not dataset.train or not dataset.test:
             missing = "train/good" if not dataset.train else "test"
             raise DatasetError(f"dataset {label} ({path}) has no {missing} images: a benchmark fits and tests on both")
-    if any(r.startswith("litert") for r in runtimes):
-        from edgead.deploy.tflite import converter_python
+    from edgead.deploy.export import check_converter
 
-        converter_python()  # a missing LiteRT converter environment: its setup command, now
-    if any(r.startswith("openvino") for r in runtimes):
-        for module in ("openvino", "nncf") if "openvino-int8" in runtimes else ("openvino",):
-            try:
-                __import__(module)
-            except ImportError:
-                raise EdgeadError(f"--runtimes openvino needs the '{module}' package: pip install {module}") from None
+    for fmt in ("litert", "openvino"):
+        if any(r.startswith(fmt) for r in runtimes):
+            check_converter("tflite" if fmt == "litert" else fmt, int8=f"{fmt}-int8" in runtimes)
 
 
 def earlier_rows(paths: Sequence[str | Path], datasets: set[str]) -> list[dict[str, Any]]:

@@ -201,7 +201,13 @@ def check_toolchain(fmt: str, run_dir: Path, calibration: int, defects: int | No
         from edgead.deploy.imx500 import check_imx500_ready
 
         check_imx500_ready(run_dir, calibration, n_defects=defects)
-    elif fmt == "tflite":
+    else:
+        check_converter(fmt, int8)
+
+
+def check_converter(fmt: str, int8: bool) -> None:
+    """The converter of ``tflite`` (its own environment) or ``openvino`` (OpenVINO, NNCF for INT8) is installed."""
+    if fmt == "tflite":
         from edgead.deploy.tflite import converter_python
 
         converter_python()
@@ -210,7 +216,7 @@ def check_toolchain(fmt: str, run_dir: Path, calibration: int, defects: int | No
             try:
                 __import__(module)
             except ImportError:
-                raise EdgeadError(f"--format openvino needs the '{module}' package: pip install {module}") from None
+                raise EdgeadError(f"OpenVINO export needs the '{module}' package: pip install {module}") from None
 
 
 def add_int8_checks(report: dict[str, Any], validation: int | None) -> None:

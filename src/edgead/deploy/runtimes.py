@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from edgead.deploy.onnx_export import (
-    GRAPH_HASH_KEY,
     INPUT_NAME,
     IR_METADATA_KEY,
     OUTPUT_NAMES,
@@ -161,7 +160,7 @@ class OpenVinoInferencer(Inferencer):
                 raise EdgeadError(f"{path} is not an OpenVINO IR written by edgead export ({exc})") from None
             if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
                 raise EdgeadError(f"{path} has invalid edgead metadata (not a JSON object of strings)")
-            config_from_metadata(metadata, path, "weights_sha256")  # seal first: the hash is present and ours
+            run_config = config_from_metadata(metadata, path, "weights_sha256")  # seal first: the hash is ours
             if metadata["weights_sha256"] != openvino_weights_sha256(model):
                 raise EdgeadError(
                     f"{path} was changed or damaged after export: its weights (.bin) do not match the "
@@ -169,9 +168,9 @@ class OpenVinoInferencer(Inferencer):
                 )
         else:
             metadata = read_metadata(path)
+            run_config = config_from_metadata(metadata, path)
             model = core.read_model(str(path))
-        content_key = "weights_sha256" if model_suffix(path) == ".xml" else GRAPH_HASH_KEY
-        super().__init__(config_from_metadata(metadata, path, content_key), _onnx_input_dtype(metadata), metadata)
+        super().__init__(run_config, _onnx_input_dtype(metadata), metadata)
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run fp32 models in bf16.
         config = {
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),

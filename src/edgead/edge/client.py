@@ -178,6 +178,23 @@ def check_server_url(url: str) -> str:
     return text.rstrip("/")
 
 
+def wait_until_healthy(url: str, alive: Callable[[], bool], timeout_s: float = 120.0) -> None:
+    """Poll ``GET url/healthz`` until it answers 200, for a server just started (tests, benchmarks);
+    EdgeClientError if ``alive()`` turns false (the server exited) or ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not alive():
+            raise EdgeClientError(f"the server at {url} exited during start-up")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise EdgeClientError(f"the server at {url} did not start within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 class ScoringClient:
     """HTTP to one scoring server, with retries and exponential back-off on transient failures.
 
